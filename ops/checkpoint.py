@@ -1,0 +1,101 @@
+"""The one checkpoint format (DESIGN.md "Checkpoint"): a directory holding ``checkpoint.pt``.
+
+Written by rank 0 of a training run, read by resume, the registry and evaluation. The directory
+is what ``ray.train.Checkpoint.from_directory`` wraps. The file holds::
+
+    format_version  int
+    model_spec      {"name": "inception_v3", "num_classes": N, "options": {...}} -> models.build_model
+    model           state_dict of the unwrapped model (no "module." / "_orig_mod." prefixes)
+    ema             state_dict of the exponential moving average of the weights (what gets exported)
+    optimizer       optimizer state_dict            scheduler  scheduler state_dict (or None)
+    epoch           epochs completed                step       optimizer steps completed
+    config          the resolved training config (plain dict)
+    class_names     list of class names, index order
+    metrics         last validation metrics (dict)
+    extra           anything else the trainer needs to resume (RNG state, data position)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "model_spec", "model", "ema", "epoch", "step", "config", "class_names")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete or of another format."""
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP / torch.compile wrapper prefixes so checkpoints hold the bare model's keys."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        out[key] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def save_checkpoint(directory: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``directory/checkpoint.pt`` atomically (temp file + rename)."""
+    missing = [k for k in REQUIRED_KEYS if k != "format_version" and k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint payload lacks {missing}")
+    payload = dict(payload, format_version=FORMAT_VERSION)
+    payload["model"] = clean_state_dict(payload["model"])
+    payload["ema"] = clean_state_dict(payload["ema"])
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, directory / CHECKPOINT_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return directory / CHECKPOINT_FILE
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(directory)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no {CHECKPOINT_FILE} in {directory}: not a checkpoint directory")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # truncated or foreign file
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({exc})") from exc
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of this format (missing {missing})")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {payload['format_version']} != {FORMAT_VERSION}")
+    return payload
+
+
+def model_from_checkpoint(payload: dict[str, Any], weights: str = "ema") -> torch.nn.Module:
+    """Rebuild the network of a checkpoint with its ``ema`` (default) or raw ``model`` weights, in eval mode."""
+    import models
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    spec = payload["model_spec"]
+    model = models.build_model(spec["name"], num_classes=spec["num_classes"], **spec.get("options", {}))
+    model.load_state_dict(payload[weights], strict=True)
+    return model.eval()

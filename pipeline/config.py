@@ -1,0 +1,53 @@
+"""Typed configuration of the read side (``pipeline.make_loader``); part of the training config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ImageNet statistics in [0, 255] units (torchvision/timm "imagenet" normalisation).
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# Inception weights trained in TensorFlow expect x / 127.5 - 1, i.e. [-1, 1].
+INCEPTION_MEAN = (127.5, 127.5, 127.5)
+INCEPTION_STD = (127.5, 127.5, 127.5)
+
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": (INCEPTION_MEAN, INCEPTION_STD)}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = ""  # shard folder made by build-shards (absolute after config resolution)
+    train_split: str = "train"
+    val_split: str = "val"
+    backend: str = "dali"  # "dali" (GPU "mixed" decode where CUDA is present, CPU otherwise) | "torch"
+    batch_size: int = 32  # per replica; paper: 32 per replica (§8)
+    image_size: int = 299  # paper's input resolution
+    val_resize: int = 342  # shorter side before the centre crop (299 / 0.875, as torchvision/timm)
+    crop_area: tuple[float, float] = (0.08, 1.0)  # GoogLeNet/Inception random-sized crop (area fraction)
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of that crop
+    normalization: str = "imagenet"  # "imagenet" mean/std | "inception" ([-1, 1], TF-trained weights)
+    layout: str = "NCHW"  # "NCHW" | "NHWC"
+    dtype: str = "float32"  # "float32" | "float16"
+    num_threads: int = 2  # DALI CPU threads / DataLoader workers per rank
+    prefetch: int = 2  # batches prepared ahead (DALI prefetch_queue_depth)
+    shuffle_buffer: int = 2048  # DALI initial_fill / webdataset shuffle buffer (shards are pre-shuffled)
+    seed: int = 0  # base seed; the loader re-seeds every epoch from (seed, epoch)
+    skip_corrupt: bool = False  # skip undecodable samples at read time instead of failing
+
+    def __post_init__(self) -> None:
+        checks = {
+            "backend": self.backend in ("dali", "torch"),
+            "normalization": self.normalization in NORMALIZATIONS,
+            "layout": self.layout in ("NCHW", "NHWC"),
+            "dtype": self.dtype in ("float32", "float16"),
+            "batch_size": self.batch_size >= 1,
+            "image_size": self.image_size >= 75,
+            "val_resize": self.val_resize >= self.image_size,
+            "num_threads": self.num_threads >= 1,
+            "prefetch": self.prefetch >= 1,
+            "crop_area": 0 < self.crop_area[0] <= self.crop_area[1] <= 1,
+            "crop_aspect": 0 < self.crop_aspect[0] <= self.crop_aspect[1],
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"data.{bad[0]}: invalid value {getattr(self, bad[0])!r}")

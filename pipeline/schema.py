@@ -1,0 +1,181 @@
+"""The shard contract shared by the write side (``build-shards``) and the read side (loaders).
+
+A shard folder holds, for each split (``train``, ``val``, ...)::
+
+    <split>-NNNNNN.tar   WebDataset tar; each sample has the components below
+    <split>-NNNNNN.idx   DALI index of that tar (the format ``wds2idx`` writes)
+    manifest.json        classes, per-shard counts + sha256, build parameters, skipped files
+
+Sample components (``<key>.<ext>``):
+
+- ``jpg``:  RGB JPEG bytes (baseline or progressive)
+- ``cls``:  class index as ASCII decimal (the WebDataset convention, readable by any tool)
+- ``lbl``:  the same class index as 4 bytes, little-endian int32, so that DALI's
+            ``fn.readers.webdataset(ext=[..., "lbl"], dtypes=[..., types.INT32])`` reads labels
+            without a Python callback in the hot path
+- ``json``: source path, class name/synset (optional metadata, never read in the hot path)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+IMAGE_EXT = "jpg"
+CLASS_EXT = "cls"
+LABEL_EXT = "lbl"
+META_EXT = "json"
+SAMPLE_EXTS = (IMAGE_EXT, CLASS_EXT, LABEL_EXT, META_EXT)
+
+
+class ShardFormatError(ValueError):
+    """A shard folder or manifest does not follow the contract; the message says what and where."""
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def index_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.idx"
+
+
+def encode_label(label: int) -> tuple[bytes, bytes]:
+    """``(cls, lbl)`` component bytes for a class index."""
+    if label < 0:
+        raise ValueError(f"class index must be >= 0, got {label}")
+    return str(label).encode("ascii"), struct.pack("<i", label)
+
+
+def decode_lbl(data: bytes) -> int:
+    return struct.unpack("<i", data)[0]
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    index: int
+    name: str  # folder name or synset (e.g. "n01440764" or "airplane")
+    description: str = ""  # human name where a words file was given ("tench, Tinca tinca")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    tar: str  # file name relative to the shard folder
+    index: str  # DALI index file name
+    count: int  # samples in the tar
+    sha256: str  # of the tar file
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    shards: tuple[ShardInfo, ...]
+    skipped: tuple[dict, ...] = ()  # {"source": ..., "reason": ...}
+    params: dict = field(default_factory=dict)  # build parameters of this split
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.count for s in self.shards)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    classes: tuple[ClassInfo, ...]
+    splits: dict[str, SplitInfo]
+    version: int = MANIFEST_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise ShardFormatError(
+                f"split {name!r} is not in the manifest (have: {', '.join(sorted(self.splits)) or 'none'})"
+            )
+        return self.splits[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "classes": [c.__dict__ for c in self.classes],
+            "splits": {
+                name: {
+                    "num_samples": s.num_samples,
+                    "shards": [sh.__dict__ for sh in s.shards],
+                    "skipped": list(s.skipped),
+                    "params": s.params,
+                }
+                for name, s in sorted(self.splits.items())
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> Manifest:
+        try:
+            classes = tuple(ClassInfo(**c) for c in data["classes"])
+            splits = {
+                name: SplitInfo(
+                    shards=tuple(ShardInfo(**sh) for sh in s["shards"]),
+                    skipped=tuple(s.get("skipped", ())),
+                    params=dict(s.get("params", {})),
+                )
+                for name, s in data["splits"].items()
+            }
+            version = int(data.get("version", MANIFEST_VERSION))
+        except (KeyError, TypeError) as exc:
+            raise ShardFormatError(f"{where}: malformed manifest ({exc!r})") from exc
+        if [c.index for c in classes] != list(range(len(classes))):
+            raise ShardFormatError(f"{where}: class indices must be 0..N-1 in order")
+        return cls(classes=classes, splits=splits, version=version)
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically (sorted keys, stable bytes for identical content)."""
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    path = Path(folder) / MANIFEST_NAME
+    if not Path(folder).is_dir():
+        raise ShardFormatError(f"shard folder {folder} does not exist; build it with `build-shards`")
+    if not path.is_file():
+        raise ShardFormatError(f"{path} is missing: is {folder} a shard folder made by `build-shards`?")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardFormatError(f"{path}: not valid JSON ({exc})") from exc
+    return Manifest.from_dict(data, where=str(path))
+
+
+def manifest_sha256(folder: str | Path) -> str:
+    """Hash of ``manifest.json``: identifies a shard set in MLflow tags and promotion gates."""
+    return hashlib.sha256((Path(folder) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def split_files(folder: str | Path, split: str) -> tuple[list[str], list[str]]:
+    """Absolute tar and index paths of a split, in manifest order; errors name a missing file."""
+    folder = Path(folder).resolve()
+    info = load_manifest(folder).split(split)
+    tars, idxs = [], []
+    for sh in info.shards:
+        for name in (sh.tar, sh.index):
+            if not (folder / name).is_file():
+                raise ShardFormatError(f"{folder / name} listed in the manifest is missing")
+        tars.append(str(folder / sh.tar))
+        idxs.append(str(folder / sh.index))
+    return tars, idxs
