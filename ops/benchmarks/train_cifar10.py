@@ -1,0 +1,121 @@
+"""Acceptance run on real data: CIFAR-10 JPEGs -> shards -> 2 Ray workers -> top-1, images/s, loader wait.
+
+    python -m ops.benchmarks.train_cifar10 [--data-dir DIR] [--out runs/cifar10] [--budget-min 15]
+                                           [--per-class-train N] [--per-class-test N] [key=value ...]
+
+``--data-dir`` holds ``cifar10-jpg.tar.gz`` (default ``$REAL_DATA_DIR``); ``train/<class>/*.jpg`` becomes
+the ``train`` split and ``test/<class>/*.jpg`` the ``val`` split of ``<out>/shards`` (built once with
+``pipeline.shards.build_shards``), then ``orchestration/train.py --config configs/cifar10.yaml`` trains in
+this process (local Ray, 2 workers). Target (issue 5): >= 50% top-1 on the test split within 15 minutes of
+training on 2 cores. ``--per-class-*`` build a subset for smoke runs. Prints one JSON summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+ARCHIVE = "cifar10-jpg.tar.gz"
+SPLITS = {"train": "train", "test": "val"}  # archive folder -> shard split
+
+
+def extract_subset(archive: Path, dest: Path, per_class: dict[str, int | None]) -> None:
+    """Extract ``<folder>/<class>/*.jpg`` keeping at most ``per_class[folder]`` files per class (None: all)."""
+    seen: dict[tuple[str, str], int] = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.strip("./").split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] not in per_class:
+                continue
+            key = (parts[0], parts[1])
+            limit = per_class[parts[0]]
+            if limit is not None and seen.get(key, 0) >= limit:
+                continue
+            seen[key] = seen.get(key, 0) + 1
+            target = dest / member.name.strip("./")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+
+
+def build_cifar10_shards(data_dir: str | Path, out: str | Path, per_class_train: int | None = None,
+                         per_class_test: int | None = None, progress: bool = True) -> Path:
+    """Shards of CIFAR-10 (``train`` and ``val`` splits) in ``out``; reused when the manifest has both."""
+    from pipeline import load_manifest
+    from pipeline.shards import build_shards
+
+    out = Path(out)
+    try:
+        manifest = load_manifest(out)
+        if {"train", "val"} <= set(manifest.splits):
+            return out
+    except Exception:  # no (complete) shard folder yet
+        pass
+    archive = Path(data_dir) / ARCHIVE
+    if not archive.is_file():
+        raise FileNotFoundError(f"{archive} not found: pass --data-dir (or REAL_DATA_DIR) holding {ARCHIVE}")
+    with tempfile.TemporaryDirectory(prefix="cifar10-") as tmp:
+        extract_subset(archive, Path(tmp), {"train": per_class_train, "test": per_class_test})
+        for folder, split in SPLITS.items():
+            build_shards(Path(tmp) / folder, out, split=split, format="imagefolder", shard_size=5000,
+                         seed=0, progress=progress)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ops.benchmarks.train_cifar10", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=os.environ.get("REAL_DATA_DIR"), help=f"folder with {ARCHIVE}")
+    parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "cifar10"), help="shards + checkpoints + MLflow")
+    parser.add_argument("--per-class-train", type=int, default=None, help="subset for smoke runs (default: all 5000)")
+    parser.add_argument("--per-class-test", type=int, default=None, help="subset for smoke runs (default: all 1000)")
+    parser.add_argument("--budget-min", type=float, default=15.0, help="training-time target in minutes")
+    parser.add_argument("--target-top1", type=float, default=0.5)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/cifar10.yaml")
+    args = parser.parse_args(argv)
+    if not args.data_dir:
+        parser.error(f"--data-dir (or REAL_DATA_DIR) must name the folder holding {ARCHIVE}")
+
+    from orchestration.config import ConfigError, load_config
+    from orchestration.ensemble import run_training
+    from orchestration.train import init_ray
+
+    out = Path(args.out).resolve()
+    try:
+        shards = build_cifar10_shards(args.data_dir, out / "shards", args.per_class_train, args.per_class_test)
+        cfg = load_config(REPO_ROOT / "configs" / "cifar10.yaml",
+                          [f"data.shards={shards}", f"checkpoint.storage_path={out}", *args.overrides],
+                          root=str(REPO_ROOT))
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    init_ray(None, None)
+    start = time.perf_counter()
+    outcome = run_training(cfg, REPO_ROOT)
+    wall = time.perf_counter() - start
+    m = outcome.members[0].metrics
+    summary = {
+        "val_top1": m.get("val_top1"), "val_ema_top1": m.get("val_ema_top1"), "val_top5": m.get("val_top5"),
+        "val_count": m.get("val_count"), "epochs": m.get("epoch"),
+        "train_images_per_sec": m.get("train_images_per_sec"),
+        "train_loader_wait_frac": m.get("train_loader_wait_frac"),
+        "wall_time_min": wall / 60, "budget_min": args.budget_min,
+        "checkpoint": outcome.members[0].checkpoint_dir, "mlflow_run": outcome.members[0].run_id,
+        "tracking_uri": outcome.tracking_uri,
+    }
+    best = max(v for v in (summary["val_top1"], summary["val_ema_top1"]) if v is not None)
+    summary["passed"] = bool(best >= args.target_top1 and wall / 60 <= args.budget_min)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The registered ensemble as an MLflow pyfunc model (DESIGN.md "Registered ensemble").
+
+Not run directly: ``ops.registry.register_ensemble`` logs an :class:`EnsembleModel` with one
+artifact per member (``member_<i>`` = model spec + EMA weights) and ``ensemble_config`` (class
+names, preprocessing, crops); ``mlflow.pyfunc.load_model("models:/NAME@champion")`` and
+``mlflow models serve`` load it back. ``load_context`` builds every member once; ``predict`` runs
+per request: decode + crop (``pipeline.multicrop.preprocess_images``), every member on every crop,
+softmax, mean over crops and members per image.
+
+Request format for ``mlflow models serve -m models:/NAME@champion --env-manager local -h 127.0.0.1 -p 5001``
+(POST ``/invocations``, ``Content-Type: application/json``). The input is one DataFrame column
+``image`` holding JPEG (or PNG) file bytes; in JSON, binary columns are base64 strings::
+
+    {"dataframe_split": {"columns": ["image"], "data": [["<base64 JPEG>"], ["<base64 JPEG>"]]},
+     "params": {"top_k": 5}}
+
+    {"dataframe_records": [{"image": "<base64 JPEG>"}], "params": {"top_k": 3}}
+
+e.g. ``curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d
+"{\\"dataframe_records\\": [{\\"image\\": \\"$(base64 -w0 cat.jpg)\\"}]}"``. The answer is
+``{"predictions": [{"classes": [...], "indices": [...], "probabilities": [...]}, ...]}``, one
+record per image with the ``top_k`` (default 5) classes, best first. ``"params": {"top_k": 0}``
+returns instead ``{"probabilities": [p_0, ..., p_{C-1}]}`` per image (class order:
+``ensemble_config.json`` / the ``class_names`` tag). A body without an ``image`` column or with
+bytes that are not an image is answered with HTTP 400 and a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+CONFIG_ARTIFACT = "ensemble_config"
+IMAGE_COLUMN = "image"
+DEFAULT_TOP_K = 5  # the paper reports top-1 and top-5; top-5 is what serving returns by default
+# Crops pushed through the network at once. 144 crops x 299^2 x 3 float32 = 154 MB per image,
+# so a request is processed a few images at a time to bound memory.
+MAX_CROPS_PER_FORWARD = 288
+
+
+def member_artifact(index: int) -> str:
+    return f"member_{index}"
+
+
+class EnsembleInputError(MlflowException):
+    """A request the ensemble cannot answer (missing column, not an image): HTTP 400 when served."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _as_image_bytes(value: Any, row: int) -> bytes | np.ndarray:
+    """One cell of the ``image`` column: bytes, base64 text (JSON clients) or a uint8 HWC array."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=False)
+        except (binascii.Error, ValueError) as exc:
+            raise EnsembleInputError(f"row {row}: column 'image' is text but not base64 ({exc})") from exc
+    raise EnsembleInputError(
+        f"row {row}: column 'image' must hold JPEG bytes (base64 in JSON), got {type(value).__name__}"
+    )
+
+
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """N Inception members averaged over K crops; see the module docstring for the request format."""
+
+    def __init__(self) -> None:
+        self.members: list[torch.nn.Module] = []
+        self.class_names: list[str] = []
+        self.data_config = None
+        self.crops = 1
+        self.device = torch.device("cpu")
+
+    # ---- loading -------------------------------------------------------------------------------
+    def load_context(self, context) -> None:
+        config = json.loads(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
+        paths = [context.artifacts[member_artifact(i)] for i in range(len(config["members"]))]
+        self.setup(config, paths)
+
+    def setup(self, config: dict, member_paths: list[str], device: str | None = None) -> None:
+        """Build every member from its artifact file (model spec + EMA weights), in eval mode."""
+        from ops.checkpoint import model_from_checkpoint
+        from pipeline.config import DataConfig
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.class_names = list(config["class_names"])
+        self.crops = int(config["crops"])
+        data = config["data"]
+        self.data_config = DataConfig(
+            image_size=data["image_size"], val_resize=data["val_resize"], normalization=data["normalization"]
+        )
+        self.members = []
+        for path in member_paths:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            self.members.append(model_from_checkpoint(payload, weights="ema").to(self.device))
+
+    # ---- inference -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def member_probabilities(self, images: list[bytes | np.ndarray], crops: int | None = None) -> torch.Tensor:
+        """Per-member class probabilities averaged over the crops: [M, N, C] float32 on the CPU."""
+        from pipeline.multicrop import preprocess_images
+
+        crops = crops or self.crops
+        per_chunk = max(1, MAX_CROPS_PER_FORWARD // crops)
+        out = []
+        for start in range(0, len(images), per_chunk):
+            chunk = images[start : start + per_chunk]
+            try:
+                x = preprocess_images(chunk, crops, self.data_config)  # [n*K, 3, S, S]
+            except ValueError as exc:
+                raise EnsembleInputError(f"images {start}..{start + len(chunk) - 1}: {exc}") from exc
+            x = x.to(self.device, dtype=torch.float32)
+            probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members])  # [M, n*K, C]
+            out.append(probs.view(len(self.members), len(chunk), crops, -1).mean(dim=2).cpu())
+        if not out:
+            return torch.zeros(len(self.members), 0, len(self.class_names))
+        return torch.cat(out, dim=1)
+
+    def predict_images(self, images: list[bytes | np.ndarray], top_k: int = DEFAULT_TOP_K) -> pd.DataFrame:
+        """Ensemble prediction for in-memory images (JPEG bytes or uint8 HWC arrays)."""
+        probs = self.member_probabilities(images).mean(dim=0)  # [N, C]: members averaged
+        return self.format_predictions(probs, top_k)
+
+    def format_predictions(self, probs: torch.Tensor, top_k: int) -> pd.DataFrame:
+        if top_k <= 0:
+            return pd.DataFrame({"probabilities": [row.tolist() for row in probs.numpy()]})
+        k = min(top_k, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
+        return pd.DataFrame(
+            {
+                "classes": [[self.class_names[i] for i in row] for row in indices.tolist()],
+                "indices": indices.tolist(),
+                "probabilities": values.tolist(),
+            }
+        )
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
+            got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input)
+            raise EnsembleInputError(f"input must be a DataFrame with a column 'image' of JPEG bytes, got {got}")
+        top_k = (params or {}).get("top_k", DEFAULT_TOP_K)
+        try:
+            top_k = int(top_k)
+        except (TypeError, ValueError) as exc:
+            raise EnsembleInputError(f"params.top_k must be an integer, got {top_k!r}") from exc
+        images = [_as_image_bytes(v, i) for i, v in enumerate(model_input[IMAGE_COLUMN].tolist())]
+        return self.predict_images(images, top_k=top_k)

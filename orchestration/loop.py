@@ -1,0 +1,192 @@
+"""One training epoch and one evaluation pass, with the metrics a data-pipeline-first system owes:
+global images/s, fraction of step time spent waiting for the loader, step time, lr, loss, peak memory.
+
+Called by ``orchestration.trainer`` inside each Ray Train worker; plain PyTorch (works without Ray,
+e.g. in tests: with no process group, world size is 1). Reductions across ranks use
+``torch.distributed`` when it is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from orchestration.ema import ModelEma
+from orchestration.losses import label_smoothing_cross_entropy, training_loss
+from orchestration.optim import clip_gradients
+from orchestration.schedule import LrSchedule
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # torch.bfloat16 on GPU (paper recipe), None = float32
+    channels_last: bool
+    aux_weights: tuple[float, ...]
+    label_smoothing: float
+    clip_grad_norm: float
+    log_every: int = 50
+    max_steps: int = 0  # >0: stop the epoch early (smoke runs)
+    max_eval_batches: int = 0
+    fail_at_step: int = 0  # >0: fail once at this global step on rank 0 (fault-tolerance tests)
+    fail_marker: str = ""
+    fail_mode: str = "raise"
+    rank: int = 0
+    world_size: int = 1
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by ``debug.fail_at_step`` to test recovery from a failed worker."""
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak CUDA memory allocated on GPU; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _maybe_fail(s: LoopSettings, global_step: int) -> None:
+    if not s.fail_at_step or global_step != s.fail_at_step or s.rank != 0:
+        return
+    marker = Path(s.fail_marker)
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"failed at step {global_step}\n")
+    if s.fail_mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFailure(f"debug.fail_at_step={global_step}: injected failure (marker {marker})")
+
+
+def _autocast(s: LoopSettings):
+    if s.amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=s.device.type, dtype=s.amp_dtype)
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    schedule: LrSchedule, ema: ModelEma | None, ema_target: nn.Module,
+                    s: LoopSettings, global_step: int,
+                    on_log: Callable[[dict[str, float], int], None] | None = None) -> tuple[dict, int]:
+    """Train over ``loader`` once; returns (epoch metrics reduced over ranks, new global step).
+
+    ``ema_target`` is the unwrapped model (no DDP / compile wrapper) whose weights the EMA follows;
+    ``on_log(metrics, step)`` receives window metrics every ``s.log_every`` steps (rank-local values,
+    images/s scaled to the global batch).
+    """
+    model.train()
+    sync = torch.cuda.synchronize if s.device.type == "cuda" else (lambda: None)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
+    samples = steps = 0
+    wait_total = 0.0
+    win_start = epoch_start = time.perf_counter()
+    win_wait, win_samples, win_steps, win_loss = 0.0, 0, 0, loss_sum.clone()
+    iterator = iter(loader)
+    while True:
+        if s.max_steps and steps >= s.max_steps:
+            break
+        t0 = time.perf_counter()
+        try:
+            images, labels = next(iterator)
+        except StopIteration:
+            break
+        wait = time.perf_counter() - t0
+        if s.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(s):
+            out = model(images, with_aux=True)
+            loss = training_loss(out.logits, out.aux_logits, labels, s.aux_weights, s.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(model, s.clip_grad_norm)
+        optimizer.step()
+        schedule.step()
+        if ema is not None:
+            ema.update(ema_target)
+        global_step += 1
+        steps += 1
+        batch = labels.shape[0]
+        samples += batch
+        wait_total += wait
+        detached = loss.detach().to(torch.float64)
+        loss_sum += detached * batch
+        win_wait, win_samples, win_steps = win_wait + wait, win_samples + batch, win_steps + 1
+        win_loss += detached
+        _maybe_fail(s, global_step)
+        if on_log is not None and global_step % s.log_every == 0:
+            sync()
+            now = time.perf_counter()
+            elapsed = max(now - win_start, 1e-9)
+            on_log({
+                "train/loss": float(win_loss) / win_steps,
+                "train/lr": schedule.get_last_lr(),
+                "train/images_per_sec": win_samples * s.world_size / elapsed,
+                "train/loader_wait_frac": win_wait / elapsed,
+                "train/step_time_s": elapsed / win_steps,
+                "train/peak_memory_mib": peak_memory_mib(s.device),
+            }, global_step)
+            win_start, win_wait, win_samples, win_steps = now, 0.0, 0, 0
+            win_loss = torch.zeros_like(win_loss)
+    sync()
+    elapsed = time.perf_counter() - epoch_start
+    total_loss, total_samples, total_wait, total_time, total_steps = all_reduce_sum(
+        [float(loss_sum), float(samples), wait_total, elapsed, float(steps)], s.device)
+    ranks = s.world_size
+    metrics = {
+        "train_loss": total_loss / max(total_samples, 1),
+        "train_images_per_sec": total_samples / max(total_time / ranks, 1e-9),
+        "train_loader_wait_frac": total_wait / max(total_time, 1e-9),
+        "train_step_time_s": total_time / max(total_steps, 1),
+        "train_epoch_time_s": total_time / ranks,
+        "lr": schedule.get_last_lr(),
+        "peak_memory_mib": peak_memory_mib(s.device),
+    }
+    return metrics, global_step
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, s: LoopSettings) -> dict[str, float]:
+    """Top-1 / top-5 accuracy and (smoothing-free) cross-entropy over the loader, summed across ranks.
+
+    The eval loader yields every sample exactly once across ranks (pipeline contract 3), so the
+    reduced counts are the whole split (or ``max_eval_batches`` per rank in smoke runs).
+    """
+    model.eval()
+    correct1 = correct5 = loss_sum = count = 0.0
+    for i, (images, labels) in enumerate(loader):
+        if s.max_eval_batches and i >= s.max_eval_batches:
+            break
+        if s.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(s):
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices  # [B, k]
+        hits = top.eq(labels[:, None])
+        correct1 += float(hits[:, 0].sum())
+        correct5 += float(hits.any(dim=1).sum())
+        loss_sum += float(label_smoothing_cross_entropy(logits, labels, 0.0)) * labels.shape[0]
+        count += labels.shape[0]
+    correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count], s.device)
+    return {"top1": correct1 / max(count, 1), "top5": correct5 / max(count, 1),
+            "loss": loss_sum / max(count, 1), "count": count}

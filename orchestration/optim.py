@@ -1,0 +1,111 @@
+"""RMSProp in the TensorFlow form the paper trained with, and the optimizer factory of the loop.
+
+Imported by ``orchestration.loop`` / ``orchestration.trainer``; tested against hand-computed steps
+in ``tests/orchestration/test_optim.py``.
+
+TensorFlow's ``tf.train.RMSPropOptimizer`` (used by the paper via TF-slim) updates, per parameter::
+
+    ms  <- decay * ms + (1 - decay) * g^2            ms initialised to ONES
+    mom <- momentum * mom + lr * g / sqrt(ms + eps)  lr applied INSIDE the momentum buffer
+    p   <- p - mom
+
+``torch.optim.RMSprop(alpha=decay, eps=eps, momentum=momentum)`` instead does::
+
+    ms  <- alpha * ms + (1 - alpha) * g^2            ms initialised to ZEROS
+    buf <- momentum * buf + g / (sqrt(ms) + eps)     eps OUTSIDE the square root, no lr in the buffer
+    p   <- p - lr * buf
+
+The three differences matter with the paper's ε = 1.0: ``sqrt(ms + 1)`` vs ``sqrt(ms) + 1`` differ by
+up to 2x for small ``ms``; zero-initialised ``ms`` makes torch's first steps ~3x larger
+(``1/sqrt(0.1 g^2)``); and with lr in the buffer a learning-rate change affects only new gradients
+(TF) instead of rescaling the whole accumulated momentum at once (torch). Same as timm's
+``RMSpropTF`` (timm/optim/rmsprop_tf.py) with ``lr_in_momentum=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from orchestration.config import OptimConfig
+
+
+class RMSpropTF(torch.optim.Optimizer):
+    """RMSProp as ``tf.train.RMSPropOptimizer`` (non-centred), see the module docstring.
+
+    ``weight_decay`` is an L2 term added to the gradient before the update (as TF-slim's
+    ``weights_regularizer`` adds ``wd * ||w||^2 / 2`` to the loss), so it also passes through the
+    RMS normalisation — that is what the reference did.
+    """
+
+    def __init__(self, params, lr: float = 0.045, decay: float = 0.9, momentum: float = 0.9,
+                 eps: float = 1.0, weight_decay: float = 0.0):
+        if lr <= 0 or not 0 <= decay < 1 or not 0 <= momentum < 1 or eps <= 0 or weight_decay < 0:
+            raise ValueError(f"RMSpropTF: invalid hyper-parameters lr={lr} decay={decay} "
+                             f"momentum={momentum} eps={eps} weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, decay=decay, momentum=momentum, eps=eps,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, decay, momentum = group["lr"], group["decay"], group["momentum"]
+            eps, wd = group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("RMSpropTF does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["square_avg"] = torch.ones_like(p)  # TF: ms initialised to ones (torch: zeros)
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                state["step"] += 1
+                if wd:
+                    grad = grad.add(p, alpha=wd)
+                square_avg = state["square_avg"]
+                square_avg.mul_(decay).addcmul_(grad, grad, value=1 - decay)
+                denom = square_avg.add(eps).sqrt_()  # TF: eps INSIDE the sqrt (torch: sqrt(ms) + eps)
+                buf = state["momentum_buffer"]
+                if momentum > 0:
+                    buf.mul_(momentum).addcdiv_(grad, denom, value=lr)  # TF: lr inside the buffer
+                    p.sub_(buf)
+                else:
+                    p.addcdiv_(grad, denom, value=-lr)
+        return loss
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only: TF-slim puts ``weights_regularizer`` on conv2d and
+    fully_connected weights, never on batch-norm parameters or biases."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim > 1 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg`` at (already scaled) learning rate ``lr``."""
+    groups = parameter_groups(model, cfg.weight_decay)
+    if cfg.name == "rmsprop_tf":
+        return RMSpropTF(groups, lr=lr, decay=cfg.decay, momentum=cfg.momentum, eps=cfg.eps)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=True)
+    raise ValueError(f"optim.name: unknown optimizer {cfg.name!r} (rmsprop_tf | sgd)")
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Clip to global L2 norm ``max_norm`` (paper §8: threshold 2.0); returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm <= 0:
+        norms = [p.grad.detach().norm(2) for p in params]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))

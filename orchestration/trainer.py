@@ -1,0 +1,240 @@
+"""Ray Train: the per-worker training function and the ``TorchTrainer`` that runs it for one model.
+
+``fit_member(cfg, ...)`` is called by ``orchestration.ensemble`` (driver side, from
+``orchestration/train.py``); ``train_worker(loop_config)`` runs inside each Ray Train worker:
+
+1. rebuild the typed config from the plain dict Ray hands it (first line);
+2. build the model, its EMA, the optimizer and schedule, and this rank's loaders (global rank);
+3. resume exactly from ``ray.train.get_checkpoint()`` when there is one (epoch, step, optimizer,
+   schedule, EMA, every rank's RNG state; data order follows from ``loader.set_epoch(epoch)``);
+4. per epoch: train, validate raw and EMA weights (top-1/top-5), ``ray.train.report(metrics,
+   checkpoint)`` with the checkpoint written by rank 0 only (``ops.checkpoint.save_checkpoint``).
+
+Checkpoints are taken at epoch ends, so a failure loses at most the current epoch's work.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from orchestration.config import TrainConfig, flatten, to_yaml
+from orchestration.ema import ModelEma
+from orchestration.loop import LoopSettings, evaluate, train_one_epoch
+from orchestration.optim import build_optimizer
+from orchestration.schedule import LrSchedule, scaled_lr, warmup_epochs
+
+
+@dataclass(frozen=True)
+class MemberResult:
+    index: int
+    run_id: str | None  # MLflow run of this member
+    checkpoint_dir: str | None  # latest (final) checkpoint directory in the storage path
+    metrics: dict[str, Any]  # last reported metrics
+    epochs_reported: tuple[int, ...]  # epochs in Ray's reported-checkpoint history, in order
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng_states() -> list[dict[str, Any]]:
+    mine = _rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def loop_settings(cfg: TrainConfig, model: torch.nn.Module, device: torch.device, rank: int,
+                  world_size: int) -> LoopSettings:
+    on_gpu = device.type == "cuda"
+    amp = {"auto": torch.bfloat16 if on_gpu else None, "bf16": torch.bfloat16, "off": None}[cfg.model.amp]
+    channels_last = {"auto": on_gpu, "on": True, "off": False}[cfg.model.channels_last]
+    return LoopSettings(
+        device=device, amp_dtype=amp, channels_last=channels_last,
+        aux_weights=tuple(getattr(model, "aux_loss_weights", ())),
+        label_smoothing=cfg.optim.label_smoothing, clip_grad_norm=cfg.optim.clip_grad_norm,
+        log_every=cfg.tracking.log_every_steps, max_steps=cfg.debug.max_steps_per_epoch,
+        max_eval_batches=cfg.debug.max_eval_batches, fail_at_step=cfg.debug.fail_at_step,
+        fail_marker=cfg.debug.fail_marker, fail_mode=cfg.debug.fail_mode, rank=rank, world_size=world_size,
+    )
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train ``train_loop_per_worker``: ``{"config": TrainConfig dict, "mlflow_run_id", "tracking_uri"}``."""
+    cfg = TrainConfig.from_dict(loop_config["config"])  # typed config first (STYLE.md rule 2)
+    import ray.train
+    import ray.train.torch
+
+    import models
+    from ops.checkpoint import load_checkpoint, save_checkpoint
+    from ops.tracking import RunTracker
+    from pipeline import load_manifest, make_loader
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    tracker = RunTracker(loop_config.get("tracking_uri", ""), loop_config.get("mlflow_run_id"),
+                         enabled=cfg.tracking.enabled and rank == 0)  # only rank 0 logs
+
+    manifest = load_manifest(cfg.data.shards)
+    num_classes = cfg.model.num_classes or manifest.num_classes
+    model_spec = {"name": cfg.model.name, "num_classes": num_classes,
+                  "options": {"aux_logits": cfg.model.aux_logits, "width_mult": cfg.model.width_mult}}
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    model = models.build_model(model_spec["name"], num_classes, **model_spec["options"])
+    s = loop_settings(cfg, model, device, rank, world_size)
+    model = model.to(device, memory_format=torch.channels_last if s.channels_last else torch.preserve_format)
+    ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+
+    train_loader = make_loader(cfg.data, cfg.data.train_split, rank, world_size, device)
+    val_loader = make_loader(cfg.data, cfg.data.val_split, rank, world_size, device)
+    class_names = list(getattr(train_loader, "class_names", None) or manifest.class_names)
+    steps_per_epoch = len(train_loader)
+    if cfg.debug.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.debug.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise RuntimeError(f"data.shards {cfg.data.shards}: split {cfg.data.train_split!r} gives no full batch "
+                           f"of {cfg.data.batch_size} per rank for {world_size} workers; lower data.batch_size")
+    base_lr = scaled_lr(cfg.optim, cfg.global_batch())
+    optimizer = build_optimizer(model, cfg.optim, base_lr)
+    schedule = LrSchedule(optimizer, base_lr, steps_per_epoch, cfg.schedule,
+                          warmup_epochs(cfg.schedule, cfg.global_batch()))
+
+    start_epoch, global_step = 0, 0
+    torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank stream for dropout etc. after identical init
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            payload = load_checkpoint(ckpt_dir, map_location=device)
+        model.load_state_dict(payload["model"], strict=True)
+        optimizer.load_state_dict(payload["optimizer"])
+        schedule.load_state_dict(payload["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(payload["ema"], payload["extra"]["ema_updates"])
+        start_epoch, global_step = int(payload["epoch"]), int(payload["step"])
+        rng = payload["extra"]["rng"]
+        if len(rng) == world_size:
+            _set_rng_state(rng[rank])
+        print(f"[rank {rank}] resumed from {checkpoint.path}: epoch {start_epoch}, step {global_step}")
+    elif rank == 0:
+        tracker.log_params(flatten(cfg.to_dict()))
+        tracker.log_text(to_yaml(cfg), "config/resolved_config.yaml")
+        tracker.log_text("\n".join(class_names) + "\n", "class_names.txt")
+        tracker.set_tags({"num_classes": num_classes, "global_batch": cfg.global_batch(), "base_lr": base_lr,
+                          "steps_per_epoch": steps_per_epoch, "world_size": world_size, "device": device.type})
+
+    train_model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world_size > 1
+    if cfg.model.compile:
+        train_model = torch.compile(train_model)
+    eval_model = torch.compile(model) if cfg.model.compile else model  # unwrapped: ranks may differ in batches
+    ema_eval = ema.module if ema is not None else None
+
+    def on_log(metrics: dict[str, float], step: int) -> None:
+        tracker.log_metrics(metrics, step)
+
+    for epoch in range(start_epoch, cfg.schedule.epochs):
+        train_loader.set_epoch(epoch)
+        train_metrics, global_step = train_one_epoch(
+            train_model, train_loader, optimizer, schedule, ema, model, s, global_step,
+            on_log=on_log if rank == 0 else None)
+        val = evaluate(eval_model, val_loader, s)
+        metrics = {"epoch": epoch + 1, "step": global_step, **train_metrics,
+                   "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
+                   "val_count": val["count"]}
+        if ema_eval is not None:
+            val_ema = evaluate(ema_eval, val_loader, s)
+            metrics.update(val_ema_top1=val_ema["top1"], val_ema_top5=val_ema["top5"], val_ema_loss=val_ema["loss"])
+        rng_states = _gather_rng_states()
+        last = epoch + 1 == cfg.schedule.epochs
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            ray_checkpoint = None
+            if rank == 0:
+                save_checkpoint(tmp, {
+                    "model_spec": model_spec, "model": model.state_dict(),
+                    "ema": (ema.state_dict() if ema is not None else model.state_dict()),
+                    "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+                    "epoch": epoch + 1, "step": global_step, "config": cfg.to_dict(),
+                    "class_names": class_names, "metrics": metrics,
+                    "extra": {"rng": rng_states, "ema_updates": ema.num_updates if ema is not None else 0,
+                              "world_size": world_size},
+                })
+                ray_checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+                print(f"[epoch {epoch + 1}/{cfg.schedule.epochs}] step {global_step} "
+                      f"loss {metrics['train_loss']:.4f} val top-1 {metrics['val_top1']:.4f} "
+                      f"ema top-1 {metrics.get('val_ema_top1', float('nan')):.4f} "
+                      f"{metrics['train_images_per_sec']:.1f} img/s "
+                      f"loader wait {metrics['train_loader_wait_frac']:.1%}", flush=True)
+                if last:
+                    if cfg.tracking.log_checkpoint:
+                        tracker.log_artifacts(tmp, "checkpoint")
+                    tracker.log_training_curves()
+            ray.train.report(metrics, checkpoint=ray_checkpoint)
+
+
+def resolve_use_gpu(setting: str) -> bool:
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0) > 0
+    if setting == "on" and not have:
+        raise RuntimeError("scaling.use_gpu=on but the Ray cluster has no GPU; use scaling.use_gpu=auto or off")
+    return have if setting == "auto" else setting == "on"
+
+
+def build_trainer(cfg: TrainConfig, run_id: str | None, tracking_uri: str):
+    """The ``TorchTrainer`` for one model (one ensemble member)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = resolve_use_gpu(cfg.scaling.use_gpu)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.checkpoint.name,
+            storage_path=cfg.checkpoint.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        ),
+    )
+
+
+def fit_member(cfg: TrainConfig, index: int, run_id: str | None, tracking_uri: str) -> MemberResult:
+    """Train one model to the end (resuming a previous run of the same name) and describe the result."""
+    result = build_trainer(cfg, run_id, tracking_uri).fit()
+    if result.error is not None:
+        raise result.error
+    epochs: list[int] = []
+    for _, metrics in result.best_checkpoints or []:
+        epochs.append(int(metrics.get("epoch", -1)))
+    ckpt = result.checkpoint
+    return MemberResult(index=index, run_id=run_id, checkpoint_dir=str(Path(ckpt.path)) if ckpt else None,
+                        metrics=dict(result.metrics or {}), epochs_reported=tuple(epochs))
