@@ -19,7 +19,7 @@ import json
 import multiprocessing as mp
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +71,7 @@ def _verified(out: Path, rec: ShardRecord) -> bool:
     )
 
 
-def _results(jobs: list[tuple], workers: int) -> Iterator[Processed]:
+def _results(jobs: Iterable[tuple], workers: int) -> Iterator[Processed]:
     if workers <= 1:
         yield from map(process_image, jobs)
         return
@@ -136,8 +136,8 @@ class _ShardCutter:
 
 def _run(segments, order, disc, jobs_opts, workers, cutter, next_shard, progress, split) -> None:
     positions = [p for seg in segments for p in range(seg.start, seg.end)]
-    jobs = [(disc.items[order[p]].locator, jobs_opts) for p in positions]
-    bar = tqdm(total=len(jobs), unit="img", desc=f"build-shards {split}", disable=not progress,
+    jobs = ((disc.items[order[p]].locator, jobs_opts) for p in positions)  # lazy: 1.28 M for ImageNet
+    bar = tqdm(total=len(positions), unit="img", desc=f"build-shards {split}", disable=not progress,
                smoothing=0.05)
     seg_iter = iter(segments)
     seg = next(seg_iter)
@@ -203,6 +203,8 @@ def build_shards(
     except ValueError as exc:
         raise SourceError(str(exc)) from exc
     out = Path(out)
+    if Path(source).is_dir() and out.resolve().is_relative_to(Path(source).resolve()):
+        raise SourceError(f"output folder {out} is inside the source folder {source}; write it elsewhere")
     existing = prepare_out(out)
     disc = discover(source, format, labels=labels, classes_file=classes, words_file=words,
                     existing_classes=existing.classes if existing else (),

@@ -20,6 +20,12 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def on_meta(**options) -> InceptionV3:
+    """Build without allocating or initializing weights: layouts and counts only (fast on 2 cores)."""
+    with torch.device("meta"):
+        return models.inception_v3(**options)
+
+
 @pytest.fixture(scope="module")
 def full_model() -> InceptionV3:
     torch.manual_seed(0)
@@ -40,8 +46,11 @@ def test_state_dict_matches_torchvision_golden_layout(full_model):
 
 def test_exact_parameter_counts(full_model):
     assert count(full_model) == PARAMS_WITH_AUX
-    assert count(models.inception_v3(aux_logits=False)) == PARAMS_WITHOUT_AUX
-    assert count(models.build_model("inception_v3", num_classes=1000, aux_logits=False)) == PARAMS_WITHOUT_AUX
+    assert count(on_meta(aux_logits=False)) == PARAMS_WITHOUT_AUX
+    with torch.device("meta"):
+        built = models.build_model("inception_v3", num_classes=1000, aux_logits=False)
+    assert count(built) == PARAMS_WITHOUT_AUX
+    assert count(on_meta(num_classes=10)) == PARAMS_WITH_AUX - 990 * (2048 + 1 + 768 + 1)
 
 
 def test_bn_and_conv_conventions(full_model):
@@ -133,19 +142,20 @@ def test_seeded_truncated_normal_init():
     c = models.inception_v3(num_classes=10, width_mult=0.5).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["Mixed_7c.branch3x3dbl_2.conv.weight"], c["Mixed_7c.branch3x3dbl_2.conv.weight"])
-    big = models.inception_v3(aux_logits=True).state_dict()
-    weight = big["Mixed_7c.branch3x3dbl_2.conv.weight"]  # 1.5 M draws
+    weight = a["Mixed_7c.branch3x3dbl_2.conv.weight"]  # 387 k draws
     assert weight.abs().max() <= 0.2  # cut at 2 std of 0.1
     assert weight.std().item() == pytest.approx(0.1 * 0.8796, rel=0.01)  # std of N(0,1) cut at +-2
-    assert big["AuxLogits.conv1.conv.weight"].abs().max() <= 0.02  # TF-slim aux 5x5 std 0.01
-    assert big["AuxLogits.fc.weight"].abs().max() <= 0.002  # TF-slim aux logits std 0.001
-    assert torch.equal(big["fc.bias"], torch.zeros(1000))
-    assert torch.equal(big["Mixed_5b.branch1x1.bn.weight"], torch.ones(64))
+    assert weight.mean().abs().item() < 1e-3
+    aux_conv = a["AuxLogits.conv1.conv.weight"]
+    assert aux_conv.abs().max() <= 0.02 and aux_conv.std().item() == pytest.approx(0.008796, rel=0.02)
+    assert a["AuxLogits.fc.weight"].abs().max() <= 0.002  # TF-slim aux logits std 0.001
+    assert torch.equal(a["fc.bias"], torch.zeros(10))
+    assert torch.equal(a["Mixed_5b.branch1x1.bn.weight"], torch.ones(32))
 
 
 def test_stem_7x7_changes_only_the_stem_keys(full_model):
     default = dict(layout_of(full_model))
-    seven = dict(layout_of(models.inception_v3(stem="7x7")))
+    seven = dict(layout_of(on_meta(stem="7x7")))
     removed = sorted(set(default) - set(seven))
     added = sorted(set(seven) - set(default))
     assert removed == sorted(k for k in default if k.startswith(STEM_KEYS)) and len(removed) == 18
@@ -155,18 +165,18 @@ def test_stem_7x7_changes_only_the_stem_keys(full_model):
     ]  # fmt: skip
     assert seven["Conv2d_1a_7x7.conv.weight"] == (64, 3, 7, 7)
     assert all(seven[k] == default[k] for k in default if k in seven)
-    assert count(models.inception_v3(stem="7x7")) == PARAMS_WITH_AUX - (928 + 9280 + 18560) + (9408 + 128)
+    assert count(on_meta(stem="7x7")) == PARAMS_WITH_AUX - (928 + 9280 + 18560) + (9408 + 128)
     m = models.inception_v3(num_classes=10, width_mult=0.25, stem="7x7").eval()
     with torch.no_grad():  # same grid sizes as the factorized stem, down to 75 px
         assert m.forward_features(torch.randn(1, 3, 75, 75)).shape == (1, 512, 1, 1)
         assert m.forward_features(torch.randn(1, 3, 299, 299)).shape == (1, 512, 8, 8)
     with pytest.raises(ValueError, match="stem must be one of"):
-        models.inception_v3(stem="5x5")
+        on_meta(stem="5x5")
 
 
 def test_aux_bn_off_changes_only_the_aux_fc_layer(full_model):
     default = dict(layout_of(full_model))
-    no_bn = models.inception_v3(aux_bn=False)
+    no_bn = on_meta(aux_bn=False)
     changed = dict(layout_of(no_bn))
     assert sorted(set(default) - set(changed)) == [f"AuxLogits.conv1.bn.{n}" for n in
         ("bias", "num_batches_tracked", "running_mean", "running_var", "weight")]  # fmt: skip
@@ -178,9 +188,7 @@ def test_aux_bn_off_changes_only_the_aux_fc_layer(full_model):
 
 def test_aux_logits_off_removes_only_the_aux_head(full_model):
     default = layout_of(full_model)
-    assert layout_of(models.inception_v3(aux_logits=False)) == [
-        e for e in default if not e[0].startswith("AuxLogits.")
-    ]
+    assert layout_of(on_meta(aux_logits=False)) == [e for e in default if not e[0].startswith("AuxLogits.")]
 
 
 def test_width_mult_scales_filter_banks_and_keeps_keys(full_model):
@@ -188,13 +196,13 @@ def test_width_mult_scales_filter_banks_and_keeps_keys(full_model):
         8, 16, 16, 24, 24, 32, 48, 80, 96, 112, 192]  # fmt: skip
     assert [scale_channels(c, 0.5) for c in (32, 48, 80, 160)] == [16, 24, 40, 80]
     assert scale_channels(192, 1.0) == 192 and scale_channels(32, 0.01) == 8
-    small = models.inception_v3(width_mult=0.25)
+    small = on_meta(width_mult=0.25)
     assert [k for k, _ in layout_of(small)] == [k for k, _ in layout_of(full_model)]
     assert small.state_dict()["Mixed_5b.branch1x1.conv.weight"].shape == (16, 48, 1, 1)
     assert small.fc.in_features == small.num_features == 80 + 4 * 96 + 48
     for bad in (0, -1.0, float("nan"), "half"):
         with pytest.raises(ValueError, match="width_mult"):
-            models.inception_v3(width_mult=bad)
+            on_meta(width_mult=bad)
 
 
 def test_transform_input_is_explicit_and_matches_torchvision_formula():
@@ -216,9 +224,9 @@ def test_transform_input_is_explicit_and_matches_torchvision_formula():
 
 def test_dropout_option():
     m = models.inception_v3(num_classes=10, width_mult=0.25, dropout=0.2)
-    assert m.dropout.p == 0.2 and models.inception_v3(num_classes=10).dropout.p == 0.5
+    assert m.dropout.p == 0.2 and on_meta(num_classes=10).dropout.p == 0.5
     with pytest.raises(ValueError, match="dropout"):
-        models.inception_v3(dropout=1.5)
+        on_meta(dropout=1.5)
 
 
 def test_bf16_autocast_and_channels_last_match_float32(small_model):
@@ -232,7 +240,9 @@ def test_bf16_autocast_and_channels_last_match_float32(small_model):
         channels_last = small_model(xcl, with_aux=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = small_model(xcl, with_aux=True)
-    torch.testing.assert_close(channels_last.logits, reference.logits, rtol=1e-4, atol=1e-4)
+    # different conv kernels for the two layouts: float32 rounding only
+    relative = (channels_last.logits - reference.logits).norm() / reference.logits.norm()
+    assert relative < 1e-4
     assert low.logits.dtype == torch.bfloat16 and low.aux_logits[0].dtype == torch.bfloat16
     for got, want in ((low.logits, reference.logits), (low.aux_logits[0], reference.aux_logits[0])):
         cosine = F.cosine_similarity(got.float().flatten(), want.flatten(), dim=0)

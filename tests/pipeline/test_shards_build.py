@@ -199,6 +199,8 @@ def test_foreign_files_and_bad_options_fail_before_work(src, tmp_path):
     with pytest.raises(SourceError, match=r"holds files build-shards did not write \(notes.txt\)"):
         build_shards(src, out, "train", progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    with pytest.raises(SourceError, match="is inside the source folder"):
+        build_shards(src, src / "shards", progress=False)
     with pytest.raises(SourceError, match="--shard-size must be >= 1"):
         build_shards(src, tmp_path / "o2", shard_size=0, progress=False)
     with pytest.raises(SourceError, match="either --max-side or --shorter-side"):

@@ -196,3 +196,17 @@ def test_errors_before_any_work(tmp_path):
     lst.write_text("src/cat/cat_000.jpg,lion\n")
     with pytest.raises(SourceError, match="not in the class list"):
         discover(lst, classes_file=tmp_path / "classes.txt")
+
+
+def test_format_checks(tmp_path):
+    src = write_folder(tmp_path / "src", good_files())
+    with pytest.raises(SourceError, match="--format tar needs a .tar/.tar.gz/.tgz archive"):
+        discover(src, "tar")
+    with pytest.raises(SourceError, match="unknown --format 'zip'"):
+        discover(src, "zip")
+    archive = write_tar(tmp_path / "a.tar", good_files())
+    assert discover(archive, "tar").format == "imagefolder"
+    with pytest.raises(SourceError, match="has no files under --subdir nope"):
+        discover(archive, subdir="nope")
+    with pytest.raises(SourceError, match="flat set of files without a labels file"):
+        discover(archive, subdir="cat")

@@ -25,9 +25,9 @@ def imagenet_labels(real_data_dir) -> dict[str, dict]:
 def test_imagenet_sample_images(real_data_dir, tmp_path):
     out = tmp_path / "out"
     rc = build_main([
-        str(real_data_dir / "imagenet-sample-images.tar"), str(out), "--split", "val", "--labels", "labels.csv",
-        "--classes", str(real_data_dir / "imagenet_synset_words.txt"), "--shard-size", "250", "--workers", "2",
-        "--no-progress",
+        str(real_data_dir / "imagenet-sample-images.tar"), str(out), "--split", "val",
+        "--labels", "labels.csv", "--classes", str(real_data_dir / "imagenet_synset_words.txt"),
+        "--shard-size", "250", "--workers", "2", "--no-progress",
     ])
     assert rc == 0
     report = verify_shards(out, deep=True, progress=False)
@@ -64,6 +64,7 @@ def test_imagenet_sample_images_auto_labels_match_explicit(real_data_dir, tmp_pa
     assert all(g["lbl"] == int(labels[g["json"]["source"]]["index_1000"]) for g in got.values())
 
 
+@pytest.mark.slow  # ~6 s alone, ~17 s on the shared 2-core machine
 def test_cifar10_test_split(real_data_dir, tmp_path):
     out = tmp_path / "out"
     manifest = build_shards(real_data_dir / "cifar10-jpg.tar.gz", out, "val", subdir="test", shard_size=2500,

@@ -1,0 +1,147 @@
+"""``make_loader`` on both backends, CPU path: label/image alignment after crop and mirror, exact
+epochs over 2 simulated ranks, set_epoch reproducibility, identical output format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import DataConfig, make_loader
+from pipeline.config import NORMALIZATIONS
+from tests.pipeline.shard_fixtures import level_to_label, write_coded_shards
+
+CLASSES = 21  # val: one sample per class, so labels are keys
+TRAIN, VAL = 45, 21
+BACKENDS = ["dali", "torch"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards")
+    write_coded_shards(folder, {"train": TRAIN, "val": VAL}, num_classes=CLASSES, shard_size=8)
+    return folder
+
+
+def _cfg(shards, backend, **kw):
+    base = dict(shards=str(shards), backend=backend, batch_size=4, image_size=80, val_resize=90, shuffle_buffer=16)
+    return DataConfig(**{**base, **kw})
+
+
+def _pixels(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """Back to [0, 255] NCHW float."""
+    mean, std = NORMALIZATIONS[cfg.normalization]
+    x = x.float() if cfg.layout == "NCHW" else x.float().permute(0, 3, 1, 2)
+    return x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+
+
+def _epoch(loader):
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+    return xs, ys
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_alignment_after_crop_and_mirror(shards, backend):
+    cfg = _cfg(shards, backend)
+    xs, ys = _epoch(make_loader(cfg, "train", 0, 1, "cpu"))
+    px, labels = _pixels(torch.cat(xs), cfg), torch.cat(ys)
+    decoded = [level_to_label(float(v)) for v in px[:, 0].mean(dim=(1, 2))]
+    assert decoded == labels.tolist()
+    # green ramps left->right in the source: a mirrored crop has it decreasing
+    green = px[:, 1].mean(dim=1)  # [N, W]
+    slope = green[:, -8:].mean(dim=1) - green[:, :8].mean(dim=1)
+    assert (slope.abs() > 4).all(), "every random crop spans part of the ramp"
+    mirrored = int((slope < 0).sum())
+    assert 0 < mirrored < len(slope), f"{mirrored} of {len(slope)} mirrored: expected about half"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_epochs_have_announced_length_on_every_rank(shards, backend):
+    cfg = _cfg(shards, backend, batch_size=4)
+    per_rank = []
+    for rank in range(2):
+        loader = make_loader(cfg, "train", rank, 2, "cpu")
+        assert len(loader) == (TRAIN // 2) // 4 == 5 and loader.num_samples == 20
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            xs, ys = _epoch(loader)
+            assert [y.shape[0] for y in ys] == [4] * 5
+            per_rank.append(set(torch.cat(ys).tolist()))
+    assert all(len(s) > 0 for s in per_rank)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_size", [4, 5])
+def test_eval_every_sample_exactly_once_over_two_ranks(shards, backend, batch_size):
+    cfg = _cfg(shards, backend, batch_size=batch_size)
+    seen = []
+    for rank in range(2):
+        loader = make_loader(cfg, "val", rank, 2, "cpu")
+        xs, ys = _epoch(loader)
+        assert len(ys) == len(loader) and loader.num_samples == sum(y.shape[0] for y in ys)
+        assert all(y.shape[0] == batch_size for y in ys[:-1])
+        px = _pixels(torch.cat(xs), cfg)
+        labels = torch.cat(ys).tolist()
+        assert [level_to_label(float(v)) for v in px[:, 0].mean(dim=(1, 2))] == labels
+        seen += labels
+    assert sorted(seen) == list(range(VAL)), "union = all keys, no duplicates"
+    assert len(seen) == VAL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_set_epoch_reproducible(shards, backend):
+    cfg = _cfg(shards, backend)
+    a = make_loader(cfg, "train", 0, 1, "cpu")
+    b = make_loader(cfg, "train", 0, 1, "cpu")
+    a.set_epoch(3)
+    b.set_epoch(3)
+    (xa, ya), (xb, yb) = (_epoch(a), _epoch(b))
+    assert [y.tolist() for y in ya] == [y.tolist() for y in yb]
+    torch.testing.assert_close(torch.cat(xa), torch.cat(xb), rtol=0, atol=0)
+    b.set_epoch(4)
+    _, yc = _epoch(b)
+    assert [y.tolist() for y in yc] != [y.tolist() for y in ya]
+
+
+def test_backends_same_format_and_values(shards):
+    outs = {}
+    for backend in BACKENDS:
+        cfg = _cfg(shards, backend, batch_size=7)
+        xs, ys = _epoch(make_loader(cfg, "val", 0, 1, "cpu"))
+        outs[backend] = (torch.cat(xs), torch.cat(ys))
+    (xd, yd), (xt, yt) = outs["dali"], outs["torch"]
+    assert xd.shape == xt.shape == (VAL, 3, 80, 80) and xd.dtype == xt.dtype == torch.float32
+    assert yd.dtype == yt.dtype == torch.int64 and yd.tolist() == yt.tolist() == list(range(VAL))
+    assert xd.device.type == xt.device.type == "cpu"
+    # same eval transform: pixel values agree up to resampler differences
+    diff = (_pixels(xd, _cfg(shards, "dali")) - _pixels(xt, _cfg(shards, "torch"))).abs()
+    assert float(diff.mean()) < 0.5 and float(diff.max()) <= 3.0  # measured: 0.1 and 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_dtype_and_inception_range(shards, backend):
+    cfg = _cfg(shards, backend, layout="NHWC", dtype="float16", normalization="inception", batch_size=8)
+    x, y = next(iter(make_loader(cfg, "train", 0, 1, "cpu")))
+    assert x.shape == (8, 80, 80, 3) and x.dtype == torch.float16 and y.dtype == torch.int64
+    assert -1.0 <= float(x.min()) < -0.5 and 0.5 < float(x.max()) <= 1.0
+
+
+def test_loader_metadata_and_errors(shards):
+    cfg = _cfg(shards, "dali")
+    loader = make_loader(cfg, "val", 0, 1, "cpu")
+    assert loader.class_names == [f"class{c:02d}" for c in range(CLASSES)]
+    with pytest.raises(Exception, match="split 'test' is not in the manifest"):
+        make_loader(cfg, "test", 0, 1, "cpu")
+    with pytest.raises(ValueError, match="rank 2 is outside"):
+        make_loader(cfg, "val", 2, 2, "cpu")
+    with pytest.raises(Exception, match="too few"):
+        make_loader(_cfg(shards, "dali", batch_size=32), "train", 0, 2, "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_requested_without_cuda_is_a_clear_error(shards, backend):
+    with pytest.raises(RuntimeError, match="CUDA is not available on this machine; pass device='cpu'"):
+        make_loader(_cfg(shards, backend), "train", 0, 1, "cuda")
