@@ -52,7 +52,13 @@ import urllib.request
 from pathlib import Path
 
 STATE_FILE = "cluster.json"
-DEFAULT_PORTS = {"ray": 6379, "dashboard": 8265, "client": 10001, "agent": 52365, "mlflow": 5000}  # upstream defaults
+DEFAULT_PORTS = {
+    "ray": 6379,
+    "dashboard": 8265,
+    "client": 10001,
+    "agent": 52365,
+    "mlflow": 5000,
+}  # upstream defaults
 HOST = "127.0.0.1"
 STOP_GRACE_S = 10.0
 
@@ -142,7 +148,9 @@ def wait_until_ok(url: str, what: str, log: Path, timeout: float, pgid: int | No
         if pgid is not None and not group_pids(pgid):
             break
         time.sleep(0.5)
-    raise ClusterError(f"{what} did not answer at {url} within {timeout:.0f}s; last lines of {log}:\n{_log_tail(log)}")
+    raise ClusterError(
+        f"{what} did not answer at {url} within {timeout:.0f}s; last lines of {log}:\n{_log_tail(log)}"
+    )
 
 
 # ---- services ---------------------------------------------------------------------------------
@@ -172,10 +180,20 @@ def start_ray(state_dir: Path, num_cpus: int, ports: dict, timeout: float) -> di
     port, dash = pick_port(ports["ray"]), pick_port(ports["dashboard"])
     client, agent = pick_port(ports["client"]), pick_port(ports["agent"])
     log = state_dir / "ray-start.log"
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
-           f"--node-ip-address={HOST}", f"--dashboard-host={HOST}", f"--dashboard-port={dash}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-           f"--temp-dir={temp}", "--disable-usage-stats"]
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--num-cpus={num_cpus}",
+        f"--node-ip-address={HOST}",
+        f"--dashboard-host={HOST}",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+    ]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
         rc = proc.wait(timeout=timeout)
@@ -185,17 +203,39 @@ def start_ray(state_dir: Path, num_cpus: int, ports: dict, timeout: float) -> di
     url = f"http://{HOST}:{dash}"
     wait_until_ok(f"{url}/api/gcs_healthz", "Ray dashboard", log, timeout, proc.pid)
     gcs = [p for p in group_pids(proc.pid) if "gcs_server" in _cmdline(p)]
-    return {"pgid": proc.pid, "gcs_pid": gcs[0] if gcs else None, "address": f"{HOST}:{port}",
-            "dashboard_url": url, "client_port": client, "temp_dir": str(temp), "num_cpus": num_cpus,
-            "log": str(log), "health": f"{url}/api/gcs_healthz"}
+    return {
+        "pgid": proc.pid,
+        "gcs_pid": gcs[0] if gcs else None,
+        "address": f"{HOST}:{port}",
+        "dashboard_url": url,
+        "client_port": client,
+        "temp_dir": str(temp),
+        "num_cpus": num_cpus,
+        "log": str(log),
+        "health": f"{url}/api/gcs_healthz",
+    }
 
 
 def start_mlflow(state_dir: Path, port: int, timeout: float) -> dict:
     port = pick_port(port)
     db, artifacts, log = state_dir / "mlflow.db", state_dir / "artifacts", state_dir / "mlflow.log"
     artifacts.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-           "--artifacts-destination", str(artifacts), "--host", HOST, "--port", str(port), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     url = f"http://{HOST}:{port}"
@@ -204,8 +244,16 @@ def start_mlflow(state_dir: Path, port: int, timeout: float) -> dict:
     except ClusterError:
         stop_group(proc.pid)
         raise
-    return {"pgid": proc.pid, "pid": proc.pid, "url": url, "port": port, "backend_store_uri": f"sqlite:///{db}",
-            "artifacts": str(artifacts), "log": str(log), "health": f"{url}/health"}
+    return {
+        "pgid": proc.pid,
+        "pid": proc.pid,
+        "url": url,
+        "port": port,
+        "backend_store_uri": f"sqlite:///{db}",
+        "artifacts": str(artifacts),
+        "log": str(log),
+        "health": f"{url}/health",
+    }
 
 
 # ---- state ------------------------------------------------------------------------------------
@@ -226,16 +274,24 @@ def service_running(info: dict | None) -> bool:
     return bool(info) and bool(group_pids(info["pgid"])) and http_ok(info["health"])
 
 
-def up(state_dir: str | Path, *, num_cpus: int = 2, ray_port: int = DEFAULT_PORTS["ray"],
-       dashboard_port: int = DEFAULT_PORTS["dashboard"], mlflow_port: int = DEFAULT_PORTS["mlflow"],
-       timeout: float = 120.0) -> dict:
+def up(
+    state_dir: str | Path,
+    *,
+    num_cpus: int = 2,
+    ray_port: int = DEFAULT_PORTS["ray"],
+    dashboard_port: int = DEFAULT_PORTS["dashboard"],
+    mlflow_port: int = DEFAULT_PORTS["mlflow"],
+    timeout: float = 120.0,
+) -> dict:
     """Start whatever is not running yet; returns the state (also written to STATE/cluster.json)."""
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     state = read_state(state_dir)
     ports = dict(DEFAULT_PORTS, ray=ray_port, dashboard=dashboard_port)
-    for key, start in (("ray", lambda: start_ray(state_dir, num_cpus, ports, timeout)),
-                       ("mlflow", lambda: start_mlflow(state_dir, mlflow_port, timeout))):
+    for key, start in (
+        ("ray", lambda: start_ray(state_dir, num_cpus, ports, timeout)),
+        ("mlflow", lambda: start_mlflow(state_dir, mlflow_port, timeout)),
+    ):
         if service_running(state.get(key)):
             state[key]["reused"] = True
             continue
@@ -269,7 +325,9 @@ def status(state_dir: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="inception-cluster", description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=("up", "down", "status"))
-    p.add_argument("--state-dir", default="runs/cluster", help="holds cluster.json, logs, mlflow.db, artifacts")
+    p.add_argument(
+        "--state-dir", default="runs/cluster", help="holds cluster.json, logs, mlflow.db, artifacts"
+    )
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs Ray may schedule (default 2: this machine)")
     p.add_argument("--ray-port", type=int, default=DEFAULT_PORTS["ray"])
     p.add_argument("--dashboard-port", type=int, default=DEFAULT_PORTS["dashboard"])
@@ -278,11 +336,23 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "up":
-            state = up(args.state_dir, num_cpus=args.num_cpus, ray_port=args.ray_port,
-                       dashboard_port=args.dashboard_port, mlflow_port=args.mlflow_port, timeout=args.timeout)
+            state = up(
+                args.state_dir,
+                num_cpus=args.num_cpus,
+                ray_port=args.ray_port,
+                dashboard_port=args.dashboard_port,
+                mlflow_port=args.mlflow_port,
+                timeout=args.timeout,
+            )
             r, m = state["ray"], state["mlflow"]
-            print(f"ray    {'reused' if r['reused'] else 'started'}: address {r['address']}, dashboard {r['dashboard_url']}")
-            print(f"mlflow {'reused' if m['reused'] else 'started'}: {m['url']} (backend {m['backend_store_uri']})")
+            print(
+                f"ray    {'reused' if r['reused'] else 'started'}: address {r['address']}, "
+                f"dashboard {r['dashboard_url']}"
+            )
+            print(
+                f"mlflow {'reused' if m['reused'] else 'started'}: {m['url']} "
+                f"(backend {m['backend_store_uri']})"
+            )
             print(f"export RAY_ADDRESS={r['dashboard_url']} MLFLOW_TRACKING_URI={m['url']}")
         elif args.command == "down":
             stopped = down(args.state_dir)

@@ -110,7 +110,9 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
     # ---- inference -----------------------------------------------------------------------------
     @torch.no_grad()
-    def member_probabilities(self, images: list[bytes | np.ndarray], crops: int | None = None) -> torch.Tensor:
+    def member_probabilities(
+        self, images: list[bytes | np.ndarray], crops: int | None = None
+    ) -> torch.Tensor:
         """Per-member class probabilities averaged over the crops: [M, N, C] float32 on the CPU."""
         from pipeline.multicrop import preprocess_images
 
@@ -148,10 +150,14 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             }
         )
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input)
-            raise EnsembleInputError(f"input must be a DataFrame with a column 'image' of JPEG bytes, got {got}")
+            raise EnsembleInputError(
+                f"input must be a DataFrame with a column 'image' of JPEG bytes, got {got}"
+            )
         top_k = (params or {}).get("top_k", DEFAULT_TOP_K)
         try:
             top_k = int(top_k)

@@ -43,7 +43,9 @@ class EvalTable:
     num_samples: int
 
     def to_markdown(self) -> str:
-        head = "| members | " + " | ".join(f"{c} crop{'s' if c > 1 else ''} top-1 / top-5 (%)" for c in self.crops)
+        head = "| members | " + " | ".join(
+            f"{c} crop{'s' if c > 1 else ''} top-1 / top-5 (%)" for c in self.crops
+        )
         lines = [head + " |", "|---|" + "---|" * len(self.crops)]
         for k in self.member_counts:
             cells = [f"{100 * self.top1[(k, c)]:.2f} / {100 * self.top5[(k, c)]:.2f}" for c in self.crops]
@@ -83,14 +85,14 @@ def _member_crop_probabilities(members, images: torch.Tensor, crops: int) -> tor
     return probs.view(probs.shape[0], -1, crops, probs.shape[-1]).mean(dim=2)
 
 
-def _data_config(data, shards: str, batch_size: int):
+def _data_config(data, shards: str, batch_size: int, backend: str):
     from pipeline.config import DataConfig
 
     if isinstance(data, DataConfig):
         fields = {k: getattr(data, k) for k in ("image_size", "val_resize", "normalization")}
     else:
         fields = {k: data[k] for k in ("image_size", "val_resize", "normalization")}
-    return DataConfig(shards=str(Path(shards).resolve()), batch_size=batch_size, **fields)
+    return DataConfig(shards=str(Path(shards).resolve()), batch_size=batch_size, backend=backend, **fields)
 
 
 def evaluate_multicrop(
@@ -102,6 +104,7 @@ def evaluate_multicrop(
     crops: Sequence[int] = PAPER_CROPS,
     member_counts: Sequence[int] | None = None,
     batch_size: int = 32,
+    backend: str = "dali",
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> EvalTable:
@@ -127,10 +130,12 @@ def evaluate_multicrop(
     members = [m.to(device).eval() for m in members]
     top1, top5, num_samples = {}, {}, None
     for c in crops:
-        cfg = _data_config(data, shards, max(1, min(batch_size, MAX_CROPS_PER_BATCH // c)))
+        cfg = _data_config(data, shards, max(1, min(batch_size, MAX_CROPS_PER_BATCH // c)), backend)
         loader = make_multicrop_loader(cfg, split, c, 0, 1, device)
         hits1, hits5, seen = dict.fromkeys(member_counts, 0), dict.fromkeys(member_counts, 0), 0
-        for images, labels in tqdm(loader, total=len(loader), desc=f"{c} crop(s)", unit="batch", disable=not progress):
+        for images, labels in tqdm(
+            loader, total=len(loader), desc=f"{c} crop(s)", unit="batch", disable=not progress
+        ):
             probs = _member_crop_probabilities(members, images.to(device, torch.float32), c)
             b1, b5 = correct_counts(probs, labels, member_counts)
             for k in member_counts:
@@ -158,8 +163,20 @@ def plot_table(table: EvalTable, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, k in enumerate(table.member_counts):
         color = f"C{i}"
-        ax.plot(table.crops, [100 * table.top1[(k, c)] for c in table.crops], "o-", color=color, label=f"{k} model(s) top-1")
-        ax.plot(table.crops, [100 * table.top5[(k, c)] for c in table.crops], "s--", color=color, label=f"{k} model(s) top-5")
+        ax.plot(
+            table.crops,
+            [100 * table.top1[(k, c)] for c in table.crops],
+            "o-",
+            color=color,
+            label=f"{k} model(s) top-1",
+        )
+        ax.plot(
+            table.crops,
+            [100 * table.top5[(k, c)] for c in table.crops],
+            "s--",
+            color=color,
+            label=f"{k} model(s) top-5",
+        )
     ax.set_xscale("log")
     ax.set_xticks(table.crops, [str(c) for c in table.crops])
     ax.set_xlabel("crops per image")
@@ -173,8 +190,15 @@ def plot_table(table: EvalTable, path: str | Path) -> Path:
     return Path(path)
 
 
-def log_table(table: EvalTable, *, tracking_uri: str | None, model: str, shards: str, split: str,
-              experiment: str = "inception-evaluate") -> str:
+def log_table(
+    table: EvalTable,
+    *,
+    tracking_uri: str | None,
+    model: str,
+    shards: str,
+    split: str,
+    experiment: str = "inception-evaluate",
+) -> str:
     """Log the table to MLflow (metrics, markdown, PNG); returns the run id."""
     import mlflow
 
@@ -184,9 +208,16 @@ def log_table(table: EvalTable, *, tracking_uri: str | None, model: str, shards:
         mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name="multicrop-eval") as run, tempfile.TemporaryDirectory() as tmp:
-        mlflow.set_tags({"model": model[:5000], "eval.shards_sha256": manifest_sha256(shards), "eval.split": split})
-        mlflow.log_params({"crops": ",".join(map(str, table.crops)), "num_samples": table.num_samples,
-                           "member_counts": ",".join(map(str, table.member_counts))})
+        mlflow.set_tags(
+            {"model": model[:5000], "eval.shards_sha256": manifest_sha256(shards), "eval.split": split}
+        )
+        mlflow.log_params(
+            {
+                "crops": ",".join(map(str, table.crops)),
+                "num_samples": table.num_samples,
+                "member_counts": ",".join(map(str, table.member_counts)),
+            }
+        )
         mlflow.log_metrics(table.metrics())
         md = Path(tmp) / "multicrop_table.md"
         md.write_text(table.to_markdown())
@@ -204,8 +235,11 @@ def load_members(model: Sequence[str], tracking_uri: str | None = None):
 
         ens = load_ensemble(model[0], tracking_uri=tracking_uri)
         d = ens.data_config
-        return ens.members, ens.class_names, {"image_size": d.image_size, "val_resize": d.val_resize,
-                                              "normalization": d.normalization}
+        return (
+            ens.members,
+            ens.class_names,
+            {"image_size": d.image_size, "val_resize": d.val_resize, "normalization": d.normalization},
+        )
     members, names, data = [], None, None
     for path in model:
         payload = load_checkpoint(path)
@@ -218,7 +252,7 @@ def load_members(model: Sequence[str], tracking_uri: str | None = None):
 
 
 def parse_members(text: str) -> list[int]:
-    """"1..4" -> [1, 2, 3, 4]; "1,2,4" -> [1, 2, 4]."""
+    """ "1..4" -> [1, 2, 3, 4]; "1,2,4" -> [1, 2, 4]."""
     try:
         if ".." in text:
             lo, hi = (int(x) for x in text.split(".."))
@@ -240,16 +274,26 @@ def parse_crops(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="inception-evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", nargs="+", required=True,
-                   help="models:/NAME@alias (or models:/NAME/VERSION), or one or more checkpoint directories")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        required=True,
+        help="models:/NAME@alias (or models:/NAME/VERSION), or one or more checkpoint directories",
+    )
     p.add_argument("--shards", required=True, help="shard folder made by build-shards")
     p.add_argument("--split", default="val")
     p.add_argument("--crops", type=parse_crops, default=list(PAPER_CROPS), help="comma list of 1, 10, 144")
-    p.add_argument("--members", type=parse_members, default=None, help="ensemble sizes: 1..N (default) or 1,2,4")
+    p.add_argument(
+        "--members", type=parse_members, default=None, help="ensemble sizes: 1..N (default) or 1,2,4"
+    )
+    p.add_argument("--backend", choices=("dali", "torch"), default="dali", help="loader backend (default dali)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (fewer when crops are many)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                   help="MLflow tracking URI to log the table to (default: $MLFLOW_TRACKING_URI; none: no logging)")
+    p.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="MLflow tracking URI to log the table to (default: $MLFLOW_TRACKING_URI; none: no logging)",
+    )
     p.add_argument("--experiment", default="inception-evaluate")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -259,17 +303,34 @@ def main(argv: list[str] | None = None) -> int:
         shard_names = load_manifest(args.shards).class_names
         members, names, data = load_members(args.model, args.tracking_uri)
         if shard_names != names:
-            raise ValueError(f"{args.shards}: its {len(shard_names)} classes differ from the model's {len(names)}")
-        table = evaluate_multicrop(members, args.shards, data=data, split=args.split, crops=args.crops,
-                                   member_counts=args.members, batch_size=args.batch_size, device=args.device,
-                                   progress=not args.no_progress)
+            raise ValueError(
+                f"{args.shards}: its {len(shard_names)} classes differ from the model's {len(names)}"
+            )
+        table = evaluate_multicrop(
+            members,
+            args.shards,
+            data=data,
+            split=args.split,
+            crops=args.crops,
+            member_counts=args.members,
+            batch_size=args.batch_size,
+            backend=args.backend,
+            device=args.device,
+            progress=not args.no_progress,
+        )
     except (ValueError, RuntimeError, ShardFormatError, OSError) as exc:
         print(f"inception-evaluate: error: {exc}", file=sys.stderr)
         return 1
     print(table.to_markdown())
     if args.tracking_uri:
-        run_id = log_table(table, tracking_uri=args.tracking_uri, model=" ".join(args.model), shards=args.shards,
-                           split=args.split, experiment=args.experiment)
+        run_id = log_table(
+            table,
+            tracking_uri=args.tracking_uri,
+            model=" ".join(args.model),
+            shards=args.shards,
+            split=args.split,
+            experiment=args.experiment,
+        )
         print(f"logged to {args.tracking_uri} run {run_id}")
     return 0
 

@@ -77,19 +77,25 @@ def _checkpoint_paths_in_run(client: MlflowClient, run_id: str, path: str = "", 
     return found
 
 
-def resolve_source(source: str, tracking_uri: str | None = None, dst: str | None = None) -> tuple[Path, str | None]:
-    """A checkpoint directory, ``runs:/<run_id>[/path]`` or a bare run id -> (local checkpoint dir, run id)."""
+def resolve_source(
+    source: str, tracking_uri: str | None = None, dst: str | None = None
+) -> tuple[Path, str | None]:
+    """A checkpoint directory, ``runs:/<run_id>[/path]`` or a run id -> (local checkpoint dir, run id)."""
     path = Path(source)
     if path.exists():
         if not (path / CHECKPOINT_FILE).is_file() and not path.name == CHECKPOINT_FILE:
-            raise RegistryError(f"{source}: no {CHECKPOINT_FILE} in this directory (not a training checkpoint)")
+            raise RegistryError(
+                f"{source}: no {CHECKPOINT_FILE} in this directory (not a training checkpoint)"
+            )
         return (path if path.is_dir() else path.parent), None
     if source.startswith("runs:/"):
         run_id, _, sub = source[len("runs:/") :].partition("/")
     elif _RUN_ID.match(source):
         run_id, sub = source, ""
     else:
-        raise RegistryError(f"source {source!r} is neither a checkpoint directory nor runs:/<run_id> nor a run id")
+        raise RegistryError(
+            f"source {source!r} is neither a checkpoint directory nor runs:/<run_id> nor a run id"
+        )
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         client.get_run(run_id)
@@ -102,7 +108,8 @@ def resolve_source(source: str, tracking_uri: str | None = None, dst: str | None
         final = [c for c in candidates if "final" in c]
         if len(final) != 1:
             raise RegistryError(
-                f"run {run_id} holds several checkpoints ({', '.join(candidates)}): name one as runs:/{run_id}/<path>"
+                f"run {run_id} holds several checkpoints ({', '.join(candidates)}): "
+                f"name one as runs:/{run_id}/<path>"
             )
         candidates = final
     local = mlflow.artifacts.download_artifacts(
@@ -132,7 +139,10 @@ def example_jpeg(size: int = 64) -> bytes:
     from PIL import Image
 
     ramp = np.linspace(0, 255, size, dtype=np.uint8)
-    rgb = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)], -1)
+    rgb = np.stack(
+        [np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)],
+        -1,
+    )
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -159,9 +169,11 @@ def build_ensemble_config(payloads: list[dict], crops: int, sources: list[str], 
     """The ``ensemble_config`` artifact; members must share classes and preprocessing."""
     first = payloads[0]
     data = {k: first["config"]["data"][k] for k in ("image_size", "val_resize", "normalization")}
-    for src, p in zip(sources, payloads):
+    for src, p in zip(sources, payloads, strict=True):
         if list(p["class_names"]) != list(first["class_names"]):
-            raise RegistryError(f"{src}: class names differ from {sources[0]}'s; members must share one label map")
+            raise RegistryError(
+                f"{src}: class names differ from {sources[0]}'s; members must share one label map"
+            )
         other = {k: p["config"]["data"][k] for k in data}
         if other != data:
             raise RegistryError(f"{src}: preprocessing {other} differs from {sources[0]}'s {data}")
@@ -174,7 +186,7 @@ def build_ensemble_config(payloads: list[dict], crops: int, sources: list[str], 
         "crops": crops,
         "members": [
             {"artifact": member_artifact(i), "source": s, "run_id": r, "model_spec": p["model_spec"]}
-            for i, (s, r, p) in enumerate(zip(sources, run_ids, payloads))
+            for i, (s, r, p) in enumerate(zip(sources, run_ids, payloads, strict=True))
         ],
     }
 
@@ -225,8 +237,12 @@ def register_ensemble(
             version_tags["train.shards_sha256"] = train_hash
         metrics = {}
         if eval_shards:
-            version_tags.update(_evaluate_for_registry(config, artifacts, eval_shards, eval_split, eval_batch_size))
-            metrics = {k.split(".", 1)[1]: float(version_tags[k]) for k in ("eval.top1_error", "eval.top5_error")}
+            version_tags.update(
+                _evaluate_for_registry(config, artifacts, eval_shards, eval_split, eval_batch_size)
+            )
+            metrics = {
+                k.split(".", 1)[1]: float(version_tags[k]) for k in ("eval.top1_error", "eval.top5_error")
+            }
         version_tags.update({k: str(v) for k, v in (tags or {}).items()})
 
         mlflow.set_experiment(experiment)
@@ -260,11 +276,19 @@ def _evaluate_for_registry(config: dict, artifacts: dict, shards: str, split: st
 
     manifest_names = load_manifest(shards).class_names
     if manifest_names != config["class_names"]:
-        raise RegistryError(f"{shards}: its classes differ from the members' class names; evaluate on shards of the same label map")
+        raise RegistryError(
+            f"{shards}: its classes differ from the members' class names; "
+            "evaluate on shards of the same label map"
+        )
     model = EnsembleModel()
     model.setup(config, [artifacts[member_artifact(i)] for i in range(len(config["members"]))])
     table = evaluate_multicrop(
-        model.members, shards, data=config["data"], split=split, crops=[config["crops"]], batch_size=batch_size
+        model.members,
+        shards,
+        data=config["data"],
+        split=split,
+        crops=[config["crops"]],
+        batch_size=batch_size,
     )
     m, c = len(model.members), config["crops"]
     return {
@@ -291,7 +315,9 @@ def _champion(client: MlflowClient, name: str):
         return None
 
 
-def promote(name: str, version: str | int, *, force: bool = False, tracking_uri: str | None = None) -> PromotionDecision:
+def promote(
+    name: str, version: str | int, *, force: bool = False, tracking_uri: str | None = None
+) -> PromotionDecision:
     """Move ``champion`` to ``version`` if it beats the current champion (lower top-1 error on the
     same shards), if there is no champion yet, or with ``force``. Always says why."""
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -313,9 +339,13 @@ def promote(name: str, version: str | int, *, force: bool = False, tracking_uri:
         return decide(True, f"no champion yet: version {version} becomes champion")
     c_err, p_err = cand.tags.get(METRIC_TAG), current.tags.get(METRIC_TAG)
     if c_err is None:
-        return decide(False, f"version {version} has no evaluation ({METRIC_TAG}); register with eval_shards or force")
+        return decide(
+            False, f"version {version} has no evaluation ({METRIC_TAG}); register with eval_shards or force"
+        )
     if p_err is None:
-        return decide(False, f"champion {previous} has no evaluation ({METRIC_TAG}) to compare with; use force")
+        return decide(
+            False, f"champion {previous} has no evaluation ({METRIC_TAG}) to compare with; use force"
+        )
     if cand.tags.get(SHARDS_TAG) != current.tags.get(SHARDS_TAG):
         return decide(
             False,
@@ -325,7 +355,9 @@ def promote(name: str, version: str | int, *, force: bool = False, tracking_uri:
         )
     if float(c_err) < float(p_err):
         return decide(True, f"top-1 error {float(c_err):.4f} beats champion {previous}'s {float(p_err):.4f}")
-    return decide(False, f"top-1 error {float(c_err):.4f} does not beat champion {previous}'s {float(p_err):.4f}")
+    return decide(
+        False, f"top-1 error {float(c_err):.4f} does not beat champion {previous}'s {float(p_err):.4f}"
+    )
 
 
 def load(model_uri: str, *, tracking_uri: str | None = None) -> Any:

@@ -25,8 +25,15 @@ def _register(args) -> int:
     from ops.registry import register_ensemble
 
     tags = dict(t.split("=", 1) for t in args.tag)
-    mv = register_ensemble(args.sources, args.name, tracking_uri=args.tracking_uri, crops=args.crops,
-                           eval_shards=args.eval_shards, eval_split=args.eval_split, tags=tags)
+    mv = register_ensemble(
+        args.sources,
+        args.name,
+        tracking_uri=args.tracking_uri,
+        crops=args.crops,
+        eval_shards=args.eval_shards,
+        eval_split=args.eval_split,
+        tags=tags,
+    )
     print(f"registered {mv.name} version {mv.version} (alias candidate)")
     for key in ("eval.top1_error", "eval.top5_error", "eval.shards_sha256"):
         if key in mv.tags:
@@ -54,17 +61,29 @@ def _describe(args) -> int:
     print(f"{args.name}: {len(versions)} version(s)")
     for v in versions:
         tags = v.tags
-        figures = (f"top-1 {tags['eval.top1_error']} top-5 {tags.get('eval.top5_error', '?')} "
-                   f"on {tags.get('eval.shards_sha256', '?')[:12]}") if "eval.top1_error" in tags else "not evaluated"
-        print(f"  v{v.version} [{', '.join(aliases.get(str(v.version), [])) or '-'}] members={tags.get('members', '?')} "
-              f"crops={tags.get('crops', '?')} {figures}")
+        figures = (
+            (
+                f"top-1 {tags['eval.top1_error']} top-5 {tags.get('eval.top5_error', '?')} "
+                f"on {tags.get('eval.shards_sha256', '?')[:12]}"
+            )
+            if "eval.top1_error" in tags
+            else "not evaluated"
+        )
+        print(
+            f"  v{v.version} [{', '.join(aliases.get(str(v.version), [])) or '-'}] "
+            f"members={tags.get('members', '?')} "
+            f"crops={tags.get('crops', '?')} {figures}"
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="inception-registry", description=__doc__.split("\n\n")[0])
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("register", help="log checkpoints/runs as one ensemble version (alias candidate)")
     r.add_argument("sources", nargs="+", help="checkpoint directories, runs:/<run_id>[/path] or run ids")

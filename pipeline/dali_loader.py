@@ -121,6 +121,7 @@ class DaliLoader:
         )
 
     def _build(self, epoch: int):
+        """The epoch's pipeline (graph errors raise here) and its iterator, not yet started."""
         pipe = PIPELINES[self.mode](
             spec=self.spec(self.source.shard_of(epoch)),
             batch_size=self.batch_size,
@@ -130,25 +131,30 @@ class DaliLoader:
             prefetch_queue_depth=self.cfg.prefetch,
         )
         pipe.build()
+        return pipe
+
+    def _iterate(self, pipe):
         policy = LastBatchPolicy.DROP if self.mode == "train" else LastBatchPolicy.PARTIAL
-        it = DALIGenericIterator(
+        # the iterator runs the pipeline on construction (first batches): inside the caller's try
+        yield from DALIGenericIterator(
             pipe, ["images", "labels"], reader_name=READER_NAME, last_batch_policy=policy, auto_reset=False
         )
-        return pipe, it
 
     def __iter__(self):
-        epoch, done, yielded_samples = self.epoch, 0, 0
-        while done < self._len:
-            pipe, it = self._build(epoch)
-            seen, restart = 0, False
+        epoch, done, samples = self.epoch, 0, 0
+        restart = True
+        while restart and done < self._len:
+            restart, seen = False, 0
+            pipe = self._build(epoch)
+            batches = self._iterate(pipe)
             try:
                 while done < self._len:
                     try:
-                        out = next(it)
+                        out = next(batches)
                     except StopIteration:
                         break
-                    except RuntimeError as exc:
-                        self._handle_failure(exc, epoch)  # raises unless skip_corrupt
+                    except RuntimeError as exc:  # a batch failed: name the sample (or skip it)
+                        self._handle_failure(exc, epoch)  # raises unless cfg.skip_corrupt
                         restart = True
                         break
                     seen += 1
@@ -156,16 +162,20 @@ class DaliLoader:
                         continue  # fast-forward a rebuilt pipeline past batches already yielded
                     done += 1
                     images, labels = self._convert(out[0])
-                    yielded_samples += labels.shape[0]
+                    samples += labels.shape[0]
                     yield images, labels
             finally:
-                del it, pipe
-            if not restart:
-                break
-        if not self._excluded and self.mode != "train" and yielded_samples != self.num_samples:
+                batches.close()
+                del batches, pipe
+        if self._excluded:
+            return  # skipped samples: an eval rank may yield fewer, a train epoch ends early at worst
+        if (self.mode == "train" and done != self._len) or (
+            self.mode != "train" and samples != self.num_samples
+        ):
             raise RuntimeError(
-                f"DALI eval reader yielded {yielded_samples} samples on rank {self.source.rank}, "
-                f"expected {self.num_samples}: shard counts in the manifest disagree with the index files"
+                f"DALI reader on rank {self.source.rank} ended after {done} batches / {samples} samples, "
+                f"expected {self._len} / {self.num_samples}: the manifest's shard counts disagree with the "
+                "index files; rebuild or re-index the shards"
             )
 
     def _convert(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:

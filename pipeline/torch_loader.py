@@ -10,10 +10,10 @@ most one smaller final eval batch. Workers return uint8 HWC crops; the main proc
 them on the target device (float, mean/std, layout, dtype: ``pipeline.multicrop.normalize``).
 
 How close the crops are to DALI's ``decoders.image_random_crop`` + ``resize``:
-- window sampling: the same distributions (area uniform in ``crop_area`` of the image, aspect
-  log-uniform in ``crop_aspect``, position uniform, 10 attempts); after 10 failures we take the
-  whole image, DALI its own fallback window. The random streams differ, so crops are the same in
-  distribution, not pixel for pixel.
+- window sampling: the distributions of DALI's ``RandomCropGenerator`` (area uniform in
+  ``crop_area`` of the image, aspect log-uniform in ``crop_aspect``, position uniform, 10
+  attempts, then the centred square of the shorter side). The random streams differ, so crops
+  are the same in distribution, not pixel for pixel.
 - interpolation: both are antialiased bilinear (Pillow BILINEAR widens its kernel when
   downscaling, DALI's default linear filter antialiases); DALI decodes only the window (ROI
   decode) with libjpeg-turbo/nvJPEG, Pillow decodes the whole image with libjpeg-turbo: pixel
@@ -55,7 +55,8 @@ def random_crop_box(
         h = int(round(math.sqrt(target / ratio)))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    return 0, 0, height, width
+    side = min(height, width)  # DALI RandomCropGenerator's fallback: the centred square
+    return (height - side) // 2, (width - side) // 2, side, side
 
 
 def iter_tar_samples(tar_path: str):

@@ -64,14 +64,13 @@ def test_forward_shapes_at_299_75_and_odd_size(full_model, size, grid):
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         features = full_model.forward_features(x)
-        logits = full_model(x)
+        logits = full_model.forward_head(features)
         out = full_model(x, with_aux=True)
     assert features.shape == (1, 2048, grid, grid)
     assert logits.shape == (1, 1000)
     assert isinstance(out, models.ModelOutputs)
     assert out.logits.shape == (1, 1000) and len(out.aux_logits) == 1 and out.aux_logits[0].shape == (1, 1000)
-    torch.testing.assert_close(out.logits, logits)
-    torch.testing.assert_close(full_model.forward_head(features), logits)
+    torch.testing.assert_close(out.logits, logits)  # forward == forward_head(forward_features)
 
 
 def test_non_square_input_and_too_small_input(small_model):
@@ -229,24 +228,46 @@ def test_dropout_option():
         on_meta(dropout=1.5)
 
 
-def test_bf16_autocast_and_channels_last_match_float32(small_model):
-    small_model.train()  # batch statistics keep activations well scaled at random init
-    small_model.dropout.p = 0.0
+def test_channels_last_matches_contiguous_float32(small_model):
+    for module in small_model.modules():  # calibrate BN: running stats = one batch's exact statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
     x = torch.randn(4, 3, 91, 91)
     with torch.no_grad():
+        small_model.train()(x)
+        small_model.eval()
         reference = small_model(x, with_aux=True)
         small_model.to(memory_format=torch.channels_last)
-        xcl = x.contiguous(memory_format=torch.channels_last)
-        channels_last = small_model(xcl, with_aux=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = small_model(xcl, with_aux=True)
-    # different conv kernels for the two layouts: float32 rounding only
-    relative = (channels_last.logits - reference.logits).norm() / reference.logits.norm()
-    assert relative < 1e-4
+        out = small_model(x.contiguous(memory_format=torch.channels_last), with_aux=True)
+    for got, want in ((out.logits, reference.logits), (out.aux_logits[0], reference.aux_logits[0])):
+        assert ((got - want).norm() / want.norm()).item() < 1e-4  # float32 rounding of other conv kernels
+
+
+def test_bf16_autocast_channels_last_forward_and_backward(small_model):
+    small_model.train().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 91, 91).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = small_model(x, with_aux=True)
     assert low.logits.dtype == torch.bfloat16 and low.aux_logits[0].dtype == torch.bfloat16
-    for got, want in ((low.logits, reference.logits), (low.aux_logits[0], reference.aux_logits[0])):
-        cosine = F.cosine_similarity(got.float().flatten(), want.flatten(), dim=0)
-        assert cosine > 0.99
+    assert low.logits.shape == (4, 10) and torch.isfinite(low.logits.float()).all()
+    (low.logits.float().sum() + low.aux_logits[0].float().sum()).backward()
+    grad = small_model.Conv2d_1a_3x3.conv.weight.grad
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()  # float32 master weights
+
+
+@pytest.mark.parametrize(("block", "shape"), [("Mixed_5b", (4, 48, 9, 9)), ("Mixed_6b", (4, 192, 5, 5)),
+    ("Mixed_7b", (4, 320, 3, 3)), ("AuxLogits", (4, 192, 5, 5))])  # fmt: skip
+def test_bf16_autocast_blocks_agree_with_float32(small_model, block, shape):
+    # A randomly initialized deep net amplifies bf16 rounding chaotically, so whole-network outputs are
+    # not comparable; each block must agree with float32 to bf16 precision.
+    module = getattr(small_model, block).eval()
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        reference = module(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = module(x)
+    assert low.dtype == torch.bfloat16
+    assert ((low.float() - reference).norm() / reference.norm()).item() < 0.02
 
 
 @pytest.mark.slow

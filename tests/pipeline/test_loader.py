@@ -145,3 +145,22 @@ def test_loader_metadata_and_errors(shards):
 def test_cuda_requested_without_cuda_is_a_clear_error(shards, backend):
     with pytest.raises(RuntimeError, match="CUDA is not available on this machine; pass device='cpu'"):
         make_loader(_cfg(shards, backend), "train", 0, 1, "cuda")
+
+
+def test_torch_random_crop_box_follows_dali_distributions():
+    import math
+    import random
+
+    from pipeline.torch_loader import random_crop_box
+
+    rng = random.Random(0)
+    boxes = [random_crop_box(rng, 375, 500, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(3000)]
+    for top, left, h, w in boxes:
+        assert 0 <= top <= 375 - h and 0 <= left <= 500 - w
+    area = [h * w / (375 * 500) for _, _, h, w in boxes]
+    log_aspect = [math.log(w / h) for _, _, h, w in boxes if h * w < 375 * 375]  # not fallback squares
+    assert 0.075 <= min(area) and max(area) <= 1.0
+    assert all(math.log(3 / 4) - 0.02 <= a <= math.log(4 / 3) + 0.02 for a in log_aspect)
+    assert abs(sum(log_aspect) / len(log_aspect)) < 0.02  # log-uniform: symmetric around 1:1
+    # no window fits 10 times: DALI's fallback, the centred square of the shorter side
+    assert random_crop_box(rng, 100, 300, (0.9, 1.0), (5.0, 6.0)) == (0, 100, 100, 100)

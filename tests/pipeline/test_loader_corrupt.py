@@ -16,7 +16,7 @@ BAD = 9  # sample index written truncated: key "val00009" in shard val-000001.ta
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad-shards")
-    write_coded_shards(folder, {"val": 14, "train": 14}, num_classes=14, shard_size=8, corrupt={"val": {BAD}})
+    write_coded_shards(folder, {"val": 14, "train": 16}, num_classes=14, shard_size=8, corrupt={"val": {BAD}, "train": {1}})
     return folder
 
 
@@ -33,6 +33,14 @@ def test_corrupt_sample_error_names_shard_and_key(shards, backend):
     assert "skip_corrupt" in str(info.value)
     if backend == "dali":
         assert "Traceback" not in str(info.value) and info.value.__suppress_context__
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_corrupt_sample_in_shuffled_train_epoch(shards, backend):
+    loader = make_loader(_cfg(shards, backend), "train", 0, 1, "cpu")
+    assert loader.num_samples == 16  # the bad sample is in this epoch, wherever the shuffle puts it
+    with pytest.raises(CorruptSampleError, match=r"'train00001' in shard .*train-000000\.tar"):
+        list(loader)
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])

@@ -1,0 +1,177 @@
+"""ops.evaluate: the (members x crops) error table against an independent computation.
+
+The expected figures come from the tars read directly (tarfile), ``preprocess_images`` (Pillow) and
+the members run by hand; the table comes from the DALI eval pipelines through
+``evaluate_multicrop`` / ``python -m ops.evaluate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from ops.evaluate import EvalTable, correct_counts, evaluate_multicrop, main, parse_members
+from pipeline.config import DataConfig
+from pipeline.multicrop import preprocess_images
+from tests.ops.conftest import IMAGE_SIZE, VAL_RESIZE, members_of, read_split
+
+DATA = {"image_size": IMAGE_SIZE, "val_resize": VAL_RESIZE, "normalization": "imagenet"}
+
+
+# DALI (libjpeg-turbo + its resize) and Pillow differ by about one grey level per pixel, which moves
+# these members' crop-averaged log-probabilities by up to ~0.1 (measured: 0.015-0.11); an image whose
+# label sits within TIE (in log-probability) of a decision boundary may land on either side.
+TIE = 0.15
+MAX_NEAR_TIES = 4  # of 16 images: beyond that the check would say little
+
+
+@dataclass
+class Expected:
+    top1: float
+    top5: float
+    near_top1: int  # images within TIE of flipping their top-1 outcome
+    near_top5: int
+
+
+def independent_errors(members, images, labels, crops, counts) -> dict[tuple[int, int], Expected]:
+    """Errors per (k, crops) computed image by image, without ops.evaluate or the loaders."""
+    cfg = DataConfig(**DATA)
+    labels = torch.tensor(labels)
+    out = {}
+    for c in crops:
+        x = preprocess_images(images, c, cfg)  # [N*c, 3, S, S]
+        with torch.no_grad():
+            per_member = [torch.softmax(m(x), dim=1).view(len(images), c, -1).mean(dim=1) for m in members]
+        for k in counts:
+            ens = sum(per_member[:k]) / k  # [N, C]
+            logp = ens.log()
+            p_label = logp.gather(1, labels[:, None])[:, 0]
+            others = logp.scatter(1, labels[:, None], -float("inf")).sort(dim=1, descending=True).values
+            top1 = (p_label > others[:, 0]).float()
+            top5 = (p_label > others[:, 4]).float()
+            near1 = int(((p_label - others[:, 0]).abs() < TIE).sum())
+            near5 = int(((p_label - others[:, 4]).abs() < TIE).sum())
+            out[(k, c)] = Expected(1 - top1.mean().item(), 1 - top5.mean().item(), near1, near5)
+    return out
+
+
+def assert_matches(table, expected, n):
+    for cell in table.top1:
+        want = expected[cell]
+        assert want.near_top1 <= MAX_NEAR_TIES and want.near_top5 <= MAX_NEAR_TIES, (
+            f"{cell}: too many near-ties for a meaningful check"
+        )
+        assert abs(table.top1[cell] - want.top1) * n <= want.near_top1 + 1e-6, (cell, table.top1[cell], want)
+        assert abs(table.top5[cell] - want.top5) * n <= want.near_top5 + 1e-6, (cell, table.top5[cell], want)
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoints, synthetic_shards):
+    images, labels = read_split(synthetic_shards)
+    return independent_errors(members_of(checkpoints), images, labels, (1, 10), (1, 2, 3))
+
+
+def test_correct_counts_by_hand():
+    # 2 members, 3 images, 6 classes; labels 0, 1, 5
+    p1 = torch.tensor(
+        [[0.5, 0.1, 0.1, 0.1, 0.1, 0.1], [0.6, 0.0, 0.1, 0.1, 0.1, 0.1], [0.3, 0.3, 0.2, 0.1, 0.1, 0.0]]
+    )
+    p2 = torch.tensor(
+        [[0.2, 0.4, 0.1, 0.1, 0.1, 0.1], [0.0, 0.9, 0.0, 0.0, 0.0, 0.1], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]
+    )
+    top1, top5 = correct_counts(torch.stack([p1, p2]), torch.tensor([0, 1, 5]), (1, 2))
+    # member 1 alone: image 0 right; images 1 and 2 rank their label 6th of 6 -> top-1 and top-5 misses
+    assert (top1[1], top5[1]) == (1, 1)
+    # both: means [0.35, 0.25, ..], [0.3, 0.45, .., 0.1], [.., 0.5] -> all three right
+    assert (top1[2], top5[2]) == (3, 3)
+
+
+def test_table_matches_independent_computation(checkpoints, synthetic_shards, expected):
+    table = evaluate_multicrop(
+        members_of(checkpoints), str(synthetic_shards), data=DATA, crops=(1, 10), progress=False
+    )
+    assert isinstance(table, EvalTable)
+    assert table.num_samples == 16 and table.member_counts == (1, 2, 3) and table.crops == (1, 10)
+    assert_matches(table, expected, 16)
+    assert 0 < table.top5[(1, 1)] < table.top1[(1, 1)] < 1  # neither figure is degenerate
+    assert sorted(table.metrics()) == sorted(
+        f"top{t}_error_m{k}_c{c}" for t in (1, 5) for k in (1, 2, 3) for c in (1, 10)
+    )
+    md = table.to_markdown()
+    assert md.splitlines()[0].startswith("| members | 1 crop top-1 / top-5 (%) | 10 crops")
+    assert f"| 3 | {100 * table.top1[(3, 1)]:.2f} / {100 * table.top5[(3, 1)]:.2f} |" in md
+
+
+def test_cli_prints_and_logs_to_mlflow(tmp_path, checkpoints, synthetic_shards, expected, capsys):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main(
+        [
+            "--model",
+            *map(str, checkpoints[:2]),
+            "--shards",
+            str(synthetic_shards),
+            "--crops",
+            "1",
+            "--members",
+            "1..2",
+            "--tracking-uri",
+            uri,
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| 2 |" in out and "16 images" in out
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("inception-evaluate").experiment_id])
+    logged = EvalTable(
+        (1, 2),
+        (1,),
+        {(k, 1): run.data.metrics[f"top1_error_m{k}_c1"] for k in (1, 2)},
+        {(k, 1): run.data.metrics[f"top5_error_m{k}_c1"] for k in (1, 2)},
+        16,
+    )
+    assert_matches(logged, expected, 16)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "multicrop_table.md",
+        "multicrop_error.png",
+    }
+    from pipeline.schema import manifest_sha256
+
+    assert run.data.tags["eval.shards_sha256"] == manifest_sha256(synthetic_shards)
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path, checkpoints, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(checkpoints[0]), "--shards", str(tmp_path), "--crops", "1,7"])
+    assert exc.value.code == 2 and "each must be one of 1, 10, 144" in capsys.readouterr().err
+    assert main(["--model", str(checkpoints[0]), "--shards", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist; build it with `build-shards`" in err
+    assert parse_members("1..4") == [1, 2, 3, 4] and parse_members("1,3") == [1, 3]
+
+
+def test_member_count_beyond_members_is_refused(checkpoints, synthetic_shards):
+    with pytest.raises(ValueError, match=r"outside 1..2"):
+        evaluate_multicrop(members_of(checkpoints[:2]), str(synthetic_shards), data=DATA, member_counts=(3,))
+
+
+@pytest.mark.slow
+def test_144_crops_match_independent_computation(checkpoints, synthetic_shards):
+    images, labels = read_split(synthetic_shards)
+    members = members_of(checkpoints)
+    want = independent_errors(members, images, labels, (144,), (1, 3))
+    table = evaluate_multicrop(
+        members,
+        str(synthetic_shards),
+        data=DATA,
+        crops=(144,),
+        member_counts=(1, 3),
+        batch_size=4,
+        progress=False,
+    )
+    assert_matches(table, want, 16)

@@ -1,0 +1,69 @@
+"""ops.tracking: runs created on a sqlite store, rank-0 logging read back through MlflowClient,
+and an unreachable server that warns once and never raises."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from ops.tracking import RunTracker, check_reachable, create_run, resolve_tracking_uri
+
+
+def test_resolve_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri("", str(tmp_path)) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri("", str(tmp_path)) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:////x/y.db", str(tmp_path)) == "sqlite:////x/y.db"
+
+
+def test_unreachable_server_warns_once_and_keeps_going():
+    uri = "http://127.0.0.1:9"  # discard port: nothing listens
+    assert check_reachable(uri, timeout=1.0) is not None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = RunTracker(uri, "0123456789abcdef")
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_params({"a": 1})
+        tracker.log_training_curves()
+    assert not tracker.enabled
+    assert [str(w.message).split(" (")[0] for w in caught] == [f"MLflow tracking at {uri} is unreachable"]
+
+
+def test_rank0_logging_round_trip(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = create_run(uri, "exp", "run-a", str(tmp_path), {"git_commit": "abc", "none": None})
+    tracker = RunTracker(uri, run_id)
+    tracker.log_params({"optim.lr": 0.045, "data.crop_area": [0.08, 1.0]})
+    tracker.log_metrics({"train/loss": 2.5, "val_top1": 0.25}, step=1)
+    tracker.log_metrics({"val_top1": 0.5, "train_loss": 2.0}, step=2)
+    tracker.log_text("a\nb\n", "class_names.txt")
+    tracker.log_training_curves()
+    assert RunTracker(uri, run_id, enabled=False).enabled is False  # ranks != 0 log nothing
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.params == {"optim.lr": "0.045", "data.crop_area": "[0.08, 1.0]"}
+    assert run.data.tags["git_commit"] == "abc" and "none" not in run.data.tags
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_top1")] == [(1, 0.25), (2, 0.5)]
+    assert {a.path for a in client.list_artifacts(run_id)} == {"class_names.txt", "training_curves.png"}
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()  # absolute, not ./mlruns
+    png = client.download_artifacts(run_id, "training_curves.png", str(tmp_path))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_child_runs_carry_parent(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = create_run(uri, "exp", "ens", str(tmp_path), {})
+    child = create_run(uri, "exp", "ens-member0", str(tmp_path), {}, parent_run_id=parent)
+    assert MlflowClient(uri).get_run(child).data.tags["mlflow.parentRunId"] == parent
+
+
+@pytest.mark.parametrize("bad", ["not a uri at all"])
+def test_non_http_uris_are_not_probed(bad):
+    assert check_reachable(bad) is None
