@@ -5,8 +5,10 @@ parameter and multiply-add table with ``python -m models.summary inception_v3 --
 
 With the defaults the ``state_dict`` has exactly the keys and shapes of torchvision's ``Inception3``
 (27,161,264 parameters with 1000 classes and the auxiliary head, 23,834,568 without), so published
-weights (torchvision's, timm's ``inception_v3.tv_in1k`` / ``gluon_in1k``) load with ``strict=True``
-through ``models.load_weights`` and give the same outputs. Differences from torchvision:
+weights load with ``strict=True`` through ``models.load_weights`` and give the same outputs:
+torchvision's ``inception_v3_google`` file (= timm's ``inception_v3.tv_in1k``) into the default model,
+timm's ``gluon_in1k`` / ``tf_in1k`` files (saved without the auxiliary head) into ``aux_logits=False``.
+Differences from torchvision:
 
 - ``forward`` returns logits in every mode; ``forward(x, with_aux=True)`` returns
   ``ModelOutputs(logits, aux_logits)`` (and computes the auxiliary head whenever asked, in any mode).

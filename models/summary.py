@@ -93,10 +93,10 @@ def format_table(summary: ModelSummary, title: str) -> str:
         )
         for r in summary.rows
     ]
-    totals = [
-        ("total (inference)", "", f"{summary.params_inference:,}", f"{summary.macs:,}"),
-        ("total with auxiliary heads", "", f"{summary.params:,}", f"{summary.macs_with_aux:,}"),
-    ]
+    has_aux = summary.params != summary.params_inference
+    totals = [("total (inference)", "", f"{summary.params_inference:,}", f"{summary.macs:,}")]
+    if has_aux:
+        totals.append(("total with auxiliary heads", "", f"{summary.params:,}", f"{summary.macs_with_aux:,}"))
     widths = [max(len(row[i]) for row in [header, *lines, *totals]) for i in range(4)]
 
     def render(row):
@@ -106,12 +106,18 @@ def format_table(summary: ModelSummary, title: str) -> str:
 
     rule = "-" * len(render(header))
     out = [title, rule, render(header), rule, *map(render, lines), rule, *map(render, totals), rule]
-    out.append(
-        f"parameters {summary.params:,} ({summary.params / 1e6:.2f} M; {summary.params_inference:,} without "
-        f"auxiliary heads); multiply-adds {summary.macs / 1e9:.3f} G per image "
-        f"({summary.macs_with_aux / 1e9:.3f} G with auxiliary heads)"
-    )
+    if has_aux:
+        out.append(
+            f"parameters {summary.params:,} ({summary.params_inference:,} without auxiliary heads); "
+            f"multiply-adds {_short(summary.macs)} per image ({_short(summary.macs_with_aux)} in training)"
+        )
+    else:
+        out.append(f"parameters {summary.params:,}; multiply-adds {_short(summary.macs)} per image")
     return "\n".join(out)
+
+
+def _short(count: int) -> str:
+    return f"{count / 1e9:.3f} G" if count >= 1e8 else f"{count / 1e6:.2f} M"
 
 
 def _parse_option(text: str) -> tuple[str, object]:

@@ -202,27 +202,27 @@ def log_table(
     """Log the table to MLflow (metrics, markdown, PNG); returns the run id."""
     import mlflow
 
+    from ops.registry import using_tracking_uri
     from pipeline.schema import manifest_sha256
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name="multicrop-eval") as run, tempfile.TemporaryDirectory() as tmp:
-        mlflow.set_tags(
-            {"model": model[:5000], "eval.shards_sha256": manifest_sha256(shards), "eval.split": split}
-        )
-        mlflow.log_params(
-            {
-                "crops": ",".join(map(str, table.crops)),
-                "num_samples": table.num_samples,
-                "member_counts": ",".join(map(str, table.member_counts)),
-            }
-        )
-        mlflow.log_metrics(table.metrics())
-        md = Path(tmp) / "multicrop_table.md"
-        md.write_text(table.to_markdown())
-        mlflow.log_artifact(str(md))
-        mlflow.log_artifact(str(plot_table(table, Path(tmp) / "multicrop_error.png")))
+    with using_tracking_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name="multicrop-eval") as run:
+            mlflow.set_tags(
+                {"model": model[:5000], "eval.shards_sha256": manifest_sha256(shards), "eval.split": split}
+            )
+            mlflow.log_params(
+                {
+                    "crops": ",".join(map(str, table.crops)),
+                    "num_samples": table.num_samples,
+                    "member_counts": ",".join(map(str, table.member_counts)),
+                }
+            )
+            mlflow.log_metrics(table.metrics())
+            md = Path(tmp) / "multicrop_table.md"
+            md.write_text(table.to_markdown())
+            mlflow.log_artifact(str(md))
+            mlflow.log_artifact(str(plot_table(table, Path(tmp) / "multicrop_error.png")))
         return run.info.run_id
 
 
@@ -286,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--members", type=parse_members, default=None, help="ensemble sizes: 1..N (default) or 1,2,4"
     )
-    p.add_argument("--backend", choices=("dali", "torch"), default="dali", help="loader backend (default dali)")
+    p.add_argument(
+        "--backend", choices=("dali", "torch"), default="dali", help="loader backend (default dali)"
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (fewer when crops are many)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument(

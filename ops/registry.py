@@ -15,6 +15,7 @@ console script (``ops.registry_cli``), and by the end of an ensemble training jo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -63,6 +64,20 @@ class PromotionDecision:
     name: str
     version: str
     previous_champion: str | None  # version that held "champion" before the call
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str | None):
+    """Point MLflow's fluent API at ``uri`` for a block, then restore the caller's setting."""
+    if not uri:
+        yield
+        return
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 # ---- sources -----------------------------------------------------------------------------------
@@ -207,13 +222,10 @@ def register_ensemble(
     ``candidate``, and return that ``ModelVersion`` (tags hold runs, shards hash and figures)."""
     if not sources:
         raise RegistryError("register_ensemble needs at least one checkpoint or run")
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient()
-    with tempfile.TemporaryDirectory(prefix="ensemble-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ensemble-") as tmp, using_tracking_uri(tracking_uri):
         payloads, run_ids, artifacts = [], [], {}
         for i, source in enumerate(sources):
-            ckpt_dir, run_id = resolve_source(source, dst=str(Path(tmp) / f"download-{i}"))
+            ckpt_dir, run_id = resolve_source(source, tracking_uri, dst=str(Path(tmp) / f"download-{i}"))
             payload = load_checkpoint(ckpt_dir)
             payloads.append(payload)
             run_ids.append(run_id)
@@ -262,6 +274,7 @@ def register_ensemble(
                 registered_model_name=name,
             )
         version = str(info.registered_model_version)
+        client = MlflowClient()
         for key, value in version_tags.items():
             client.set_model_version_tag(name, version, key, value)
         client.set_model_version_tag(name, version, "registration_run", run.info.run_id)
@@ -324,14 +337,14 @@ def promote(
     version = str(version)
     cand = _version_or_error(client, name, version)
     current = _champion(client, name)
-    previous = current.version if current else None
+    previous = str(current.version) if current else None
 
     def decide(promoted: bool, reason: str) -> PromotionDecision:
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version)
         return PromotionDecision(promoted, reason, name, version, previous)
 
-    if current is not None and current.version == version:
+    if previous == version:
         return decide(False, f"version {version} already is the champion")
     if force:
         return decide(True, f"forced: version {version} replaces champion {previous or '(none)'}")
@@ -362,12 +375,11 @@ def promote(
 
 def load(model_uri: str, *, tracking_uri: str | None = None) -> Any:
     """``mlflow.pyfunc.load_model`` for ``models:/NAME@alias`` (or ``models:/NAME/VERSION``)."""
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    except Exception as exc:
-        raise RegistryError(f"cannot load {model_uri} from {mlflow.get_tracking_uri()}: {exc}") from exc
+    with using_tracking_uri(tracking_uri):
+        try:
+            return mlflow.pyfunc.load_model(model_uri)
+        except Exception as exc:
+            raise RegistryError(f"cannot load {model_uri} from {mlflow.get_tracking_uri()}: {exc}") from exc
 
 
 def load_ensemble(model_uri: str, *, tracking_uri: str | None = None) -> EnsembleModel:

@@ -176,7 +176,9 @@ def make_multicrop_loader(
     cfg: DataConfig, split: str, crops: int, rank: int, world_size: int, device
 ) -> Loader:
     """Evaluation batches ``(images [B*K,...], labels [B])``, crops of image i at rows ``i*K:(i+1)*K``
-    (geometry: ``pipeline.multicrop.crop_plan``). Each sample exactly once across ranks."""
+    (geometry: ``pipeline.multicrop.crop_plan``). Each sample exactly once across ranks.
+    ``cfg.batch_size`` counts images: at 299 px one image's 144 float32 crops take 154 MB, so
+    144-crop evaluation wants batches of a few images."""
     if crops not in SUPPORTED_CROPS:
         raise ValueError(f"crops must be one of {SUPPORTED_CROPS}, got {crops}")
     _check_backend(cfg)

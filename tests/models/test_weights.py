@@ -86,13 +86,18 @@ def test_other_num_classes_strict_error_and_non_strict_fine_tune_start(small):
     state = small.state_dict()
     torch.manual_seed(2)
     target = models.inception_v3(num_classes=3, width_mult=0.25)
-    expected = r"2 key\(s\) with mismatched shapes.*fc.weight: weights \[10, 512\] vs model \[3, 512\]"
+    expected = r"4 key\(s\) with mismatched shapes.*fc.weight: weights \[10, 512\] vs model \[3, 512\]"
     with pytest.raises(WeightLoadError, match=expected + ".*Only the classifier differs"):
         models.load_weights(target, state)
     fc_before = target.fc.weight.clone()
     report = models.load_weights(target, state, strict=False)
     assert isinstance(report, LoadReport) and not report.ok
-    assert sorted(k for k, _, _ in report.mismatched) == ["AuxLogits.fc.weight", "fc.weight"]
+    assert sorted(k for k, _, _ in report.mismatched) == [
+        "AuxLogits.fc.bias",
+        "AuxLogits.fc.weight",
+        "fc.bias",
+        "fc.weight",
+    ]
     assert torch.equal(target.Mixed_5b.branch1x1.conv.weight, state["Mixed_5b.branch1x1.conv.weight"])
     assert torch.equal(target.fc.weight, fc_before)  # left as initialized
 

@@ -104,7 +104,10 @@ def test_table_matches_independent_computation(checkpoints, synthetic_shards, ex
     assert f"| 3 | {100 * table.top1[(3, 1)]:.2f} / {100 * table.top5[(3, 1)]:.2f} |" in md
 
 
-def test_cli_prints_and_logs_to_mlflow(tmp_path, checkpoints, synthetic_shards, expected, capsys):
+def test_cli_prints_and_logs_to_mlflow(
+    tmp_path, checkpoints, synthetic_shards, expected, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # MLflow puts a sqlite store's artifacts under ./mlruns
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

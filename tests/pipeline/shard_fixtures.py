@@ -8,8 +8,9 @@ crop, resize and mirror:
 - blue channel: a top-to-bottom ramp 0..255 (lets geometry tests locate a crop vertically).
 
 JPEGs are written at quality 95 without chroma subsampling so the channels do not bleed.
-Used by tests only; ``write_shards`` is also the benchmark's fallback writer when
-``pipeline.shards.build_shards`` is not installed.
+Used by the read-side tests (imported as ``tests.pipeline.shard_fixtures``); it writes tars with
+``tarfile``, indices with DALI's own ``wds2idx`` and the manifest with ``schema.write_manifest``,
+independently of ``pipeline.shards`` (``test_loader_build_shards.py`` covers that writer).
 """
 
 from __future__ import annotations

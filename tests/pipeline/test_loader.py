@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import DataConfig, make_loader
+from pipeline import DataConfig, make_loader, make_multicrop_loader
 from pipeline.config import NORMALIZATIONS
 from tests.pipeline.shard_fixtures import level_to_label, write_coded_shards
 
@@ -23,7 +23,9 @@ def shards(tmp_path_factory):
 
 
 def _cfg(shards, backend, **kw):
-    base = dict(shards=str(shards), backend=backend, batch_size=4, image_size=80, val_resize=90, shuffle_buffer=16)
+    base = dict(
+        shards=str(shards), backend=backend, batch_size=4, image_size=80, val_resize=90, shuffle_buffer=16
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -164,3 +166,18 @@ def test_torch_random_crop_box_follows_dali_distributions():
     assert abs(sum(log_aspect) / len(log_aspect)) < 0.02  # log-uniform: symmetric around 1:1
     # no window fits 10 times: DALI's fallback, the centred square of the shorter side
     assert random_crop_box(rng, 100, 300, (0.9, 1.0), (5.0, 6.0)) == (0, 100, 100, 100)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("crops", [1, 10])
+def test_gpu_mixed_decoding_matches_cpu(shards, crops):
+    cfg = _cfg(shards, "dali")
+    xs, ys = _epoch(make_loader(cfg, "train", 0, 1, "cuda"))
+    assert all(x.is_cuda and x.shape == (4, 3, 80, 80) for x in xs) and all(y.is_cuda for y in ys)
+    px = _pixels(torch.cat(xs).cpu(), cfg)
+    assert [level_to_label(float(v)) for v in px[:, 0].mean(dim=(1, 2))] == torch.cat(ys).cpu().tolist()
+    gpu = make_multicrop_loader(cfg, "val", crops, 0, 1, "cuda:0")
+    cpu = make_multicrop_loader(cfg, "val", crops, 0, 1, "cpu")
+    for (xg, yg), (xc, yc) in zip(gpu, cpu, strict=True):
+        assert yg.cpu().tolist() == yc.tolist()
+        assert float((xg.cpu() - xc).abs().mean()) < 0.05  # nvJPEG vs libjpeg-turbo IDCT rounding

@@ -36,12 +36,8 @@ def test_plan_counts_and_mirror_pairs(crops):
         return
     assert len(unmirrored(plan)) == crops // 2
     for a, b in zip(plan[0::2], plan[1::2], strict=True):
-        assert not a.mirror and b.mirror and (a.shorter, a.square_pos, a.pos, a.crop) == (
-            b.shorter,
-            b.square_pos,
-            b.pos,
-            b.crop,
-        )
+        assert not a.mirror and b.mirror
+        assert (a.shorter, a.square_pos, a.pos, a.crop) == (b.shorter, b.square_pos, b.pos, b.crop)
 
 
 def test_144_plan_structure():

@@ -1,0 +1,194 @@
+"""ops.registry on a real sqlite MLflow store: register (from a checkpoint dir and from a run's
+artifacts), aliases, load by ``models:/NAME@alias``, predict against a hand computation, the
+promotion gate, and the ``inception-registry`` CLI."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from ops import registry, registry_cli
+from ops.ensemble_model import EnsembleModel
+from pipeline.config import DataConfig
+from pipeline.multicrop import preprocess_images
+from pipeline.schema import manifest_sha256
+from tests.ops.conftest import (
+    CLASSES,
+    IMAGE_SIZE,
+    VAL_RESIZE,
+    jpeg_bytes,
+    members_of,
+    read_split,
+    synthetic_image,
+)
+
+NAME = "tiny-inception"
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory, checkpoints, synthetic_shards):
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cwd = os.getcwd()
+    os.chdir(root)  # a sqlite store keeps artifacts under ./mlruns
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("train")
+        with mlflow.start_run() as run:  # a training run that logged its final checkpoint
+            mlflow.log_artifacts(str(checkpoints[1]), artifact_path="checkpoint")
+        mv = registry.register_ensemble(
+            [str(checkpoints[0]), f"runs:/{run.info.run_id}"],
+            NAME,
+            tracking_uri=uri,
+            crops=10,
+            eval_shards=str(synthetic_shards),
+        )
+        yield SimpleNamespace(uri=uri, mv=mv, run_id=run.info.run_id, root=root)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def model(reg):
+    return registry.load(f"models:/{NAME}@candidate", tracking_uri=reg.uri)
+
+
+def hand_probabilities(checkpoints, images, crops):
+    """Mean over members and crops of softmax(member(crop)), straight from the checkpoints' EMA weights."""
+    x = preprocess_images(images, crops, DataConfig(image_size=IMAGE_SIZE, val_resize=VAL_RESIZE))
+    with torch.no_grad():
+        per_member = [
+            torch.softmax(m(x), dim=1).view(len(images), crops, -1).mean(1) for m in members_of(checkpoints)
+        ]
+    return sum(per_member) / len(per_member)
+
+
+def test_register_tags_and_candidate_alias(reg, checkpoints, synthetic_shards):
+    client = MlflowClient(tracking_uri=reg.uri)
+    mv = client.get_model_version_by_alias(NAME, "candidate")
+    assert str(mv.version) == str(reg.mv.version) == "1"
+    tags = mv.tags
+    assert tags["members"] == "2" and tags["crops"] == "10" and tags["num_classes"] == str(len(CLASSES))
+    assert tags["member_runs"] == f"-,{reg.run_id}"
+    assert tags["eval.shards_sha256"] == tags["train.shards_sha256"] == manifest_sha256(synthetic_shards)
+    assert tags["eval.num_samples"] == "16"
+    # the version's figure is the 2-member 10-crop ensemble on the shards (within the near-ties of
+    # DALI vs Pillow decoding, see test_evaluate)
+    images, labels = read_split(synthetic_shards)
+    probs = hand_probabilities(checkpoints[:2], images, 10)
+    top1 = 1 - (probs.argmax(1) == torch.tensor(labels)).float().mean().item()
+    assert abs(float(tags["eval.top1_error"]) - top1) <= 2 / 16
+    # model files: explicit requirements without local versions, our packages as code
+    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", tracking_uri=reg.uri)
+    reqs = open(os.path.join(local, "requirements.txt")).read().split()
+    assert "torch>=2.4" in reqs and not any("+cpu" in r or "dali" in r for r in reqs)
+    assert {"models", "pipeline", "ops"} <= set(os.listdir(os.path.join(local, "code")))
+    assert {"member_0.pt", "member_1.pt", "ensemble_config.json"} <= set(
+        os.listdir(os.path.join(local, "artifacts"))
+    )
+
+
+def test_load_by_alias_and_predict_equals_hand_average(model, checkpoints):
+    images = [jpeg_bytes(synthetic_image(label, 5)) for label in (0, 3, 6)]
+    want = hand_probabilities(checkpoints[:2], images, 10)  # [3, C]
+    full = model.predict(pd.DataFrame({"image": images}), params={"top_k": 0})
+    np.testing.assert_allclose(np.stack(full["probabilities"]), want.numpy(), atol=1e-5)
+    top = model.predict(pd.DataFrame({"image": images}))  # default top_k = 5
+    assert list(top.columns) == ["classes", "indices", "probabilities"]
+    for row, p in zip(top.itertuples(), want, strict=True):
+        order = p.argsort(descending=True)[:5].tolist()
+        assert row.indices == order and row.classes == [CLASSES[i] for i in order]
+        np.testing.assert_allclose(row.probabilities, p[order].numpy(), atol=1e-5)
+    top2 = model.predict(pd.DataFrame({"image": images}), params={"top_k": 2})
+    assert [len(c) for c in top2["classes"]] == [2, 2, 2]
+
+
+def test_predict_takes_uint8_arrays_and_raw_weights_are_not_exported(model, checkpoints):
+    ens = model.unwrap_python_model()
+    assert isinstance(ens, EnsembleModel) and len(ens.members) == 2 and ens.crops == 10
+    array = synthetic_image(2, 9)
+    from_array = ens.predict_images([array], top_k=0)
+    from_jpeg_decoded = hand_probabilities(checkpoints[:2], [array], 10)
+    np.testing.assert_allclose(np.stack(from_array["probabilities"]), from_jpeg_decoded.numpy(), atol=1e-5)
+    fc = ens.members[0].fc.weight
+    assert torch.equal(
+        fc, torch.load(checkpoints[0] / "checkpoint.pt", weights_only=False)["ema"]["fc.weight"]
+    )
+
+
+def test_bad_inputs_are_clear_errors(model):
+    with pytest.raises(MlflowException, match="image"):
+        model.predict(pd.DataFrame({"picture": [jpeg_bytes(synthetic_image(0, 0))]}))
+    with pytest.raises(MlflowException, match=r"images\[1\] is not a decodable image"):
+        model.predict(pd.DataFrame({"image": [jpeg_bytes(synthetic_image(0, 0)), b"not a jpeg"]}))
+
+
+def test_register_refuses_mismatched_members(tmp_path, checkpoints):
+    from tests.ops.conftest import make_checkpoint
+
+    other = make_checkpoint(tmp_path / "other", seed=7, class_names=("a", "b", "c"))
+    with pytest.raises(registry.RegistryError, match="class names differ"):
+        registry.register_ensemble(
+            [str(checkpoints[0]), str(other)], "x", tracking_uri=f"sqlite:///{tmp_path}/m.db"
+        )
+    with pytest.raises(registry.RegistryError, match="neither a checkpoint directory"):
+        registry.resolve_source(str(tmp_path / "missing"))
+
+
+def _version_with(client, name, source_mv, tags):
+    """Another real version of ``name`` (same model files) carrying the given evaluation tags."""
+    mv = client.create_model_version(name, source_mv.source, run_id=source_mv.run_id)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, mv.version, k, v)
+    return str(mv.version)
+
+
+def test_promotion_gate(reg):
+    client = MlflowClient(tracking_uri=reg.uri)
+    name = "gate"
+    client.create_registered_model(name)
+    base = client.get_model_version(NAME, "1")
+    shards, err = base.tags["eval.shards_sha256"], float(base.tags["eval.top1_error"])
+    v1 = _version_with(client, name, base, {"eval.shards_sha256": shards, "eval.top1_error": str(err)})
+    d = registry.promote(name, v1, tracking_uri=reg.uri)
+    assert d.promoted and "no champion yet" in d.reason and d.previous_champion is None
+    better = _version_with(
+        client, name, base, {"eval.shards_sha256": shards, "eval.top1_error": str(err - 0.1)}
+    )
+    d = registry.promote(name, better, tracking_uri=reg.uri)
+    assert d.promoted and "beats champion" in d.reason and d.previous_champion == v1
+    worse = _version_with(client, name, base, {"eval.shards_sha256": shards, "eval.top1_error": str(err)})
+    d = registry.promote(name, worse, tracking_uri=reg.uri)
+    assert not d.promoted and "does not beat" in d.reason
+    assert str(client.get_model_version_by_alias(name, "champion").version) == better
+    other = _version_with(client, name, base, {"eval.shards_sha256": "0" * 64, "eval.top1_error": "0.0"})
+    d = registry.promote(name, other, tracking_uri=reg.uri)
+    assert not d.promoted and "different shards" in d.reason
+    unevaluated = _version_with(client, name, base, {})
+    d = registry.promote(name, unevaluated, tracking_uri=reg.uri)
+    assert not d.promoted and "no evaluation" in d.reason
+    d = registry.promote(name, worse, force=True, tracking_uri=reg.uri)
+    assert d.promoted and d.reason.startswith("forced")
+    assert str(client.get_model_version_by_alias(name, "champion").version) == worse
+
+
+def test_cli_promote_and_describe(reg, capsys):
+    assert registry_cli.main(["--tracking-uri", reg.uri, "promote", "--name", NAME, "--version", "1"]) == 0
+    assert "promoted: no champion yet" in capsys.readouterr().out
+    assert registry_cli.main(["--tracking-uri", reg.uri, "promote", "--name", NAME, "--version", "1"]) == 3
+    assert "already is the champion" in capsys.readouterr().out
+    assert registry_cli.main(["--tracking-uri", reg.uri, "describe", "--name", NAME]) == 0
+    out = capsys.readouterr().out
+    assert "v1 [" in out and "candidate" in out and "champion" in out and "members=2 crops=10" in out
+    assert registry_cli.main(["--tracking-uri", reg.uri, "promote", "--name", NAME, "--version", "99"]) == 1
+    assert "has no version 99" in capsys.readouterr().err
+    champion = registry.load_ensemble(f"models:/{NAME}@champion", tracking_uri=reg.uri)
+    assert champion.class_names == list(CLASSES) and len(champion.members) == 2
