@@ -17,7 +17,9 @@ Run::
   with ``MLFLOW_TRACKING_URI=http://127.0.0.1:5000``.
 
 It waits until the Ray dashboard (``/api/gcs_healthz``) and MLflow (``/health``) answer, then writes
-``STATE/cluster.json`` (ports, process groups, pids, URLs, log files). A second ``up`` reuses
+``STATE/cluster.json`` (ports, process groups, pids, URLs, log files). Ray 2.60 turns on token
+authentication by itself when ``~/.ray/auth_token`` exists (``ray get-auth-token --generate``);
+``ray job submit`` on this machine then reads the token from there. A second ``up`` reuses
 services that still answer. Each service runs in its own process group; ``down`` ends exactly
 those groups (SIGTERM, then SIGKILL after a grace period) rather than ``ray stop``, which would also
 stop other Ray instances of the same user on this machine. Ports default to Ray's and MLflow's

@@ -20,8 +20,9 @@ from nvidia.dali import pipeline_def
 from pipeline.multicrop import CropWindow
 
 READER_NAME = "Reader"  # tied to DALIGenericIterator(reader_name=...)
-# DALI ResNet-50 example / DeepLearningExamples: pre-size nvJPEG buffers for ImageNet's largest
-# images so that the first epochs do not reallocate, and give the A100/H100 hardware decoder 65%.
+# DALI's ResNet-50 example (DeepLearningExamples ConvNets): pre-size nvJPEG buffers for ImageNet's
+# largest images so the first epochs do not reallocate. hw_decoder_load: share of the JPEGs sent
+# to the A100/H100 hardware decoder (0.65 is DALI's documented default for decoders.image*).
 DEVICE_MEMORY_PADDING = 211025920
 HOST_MEMORY_PADDING = 140544512
 HW_DECODER_LOAD = 0.65

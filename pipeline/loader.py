@@ -10,6 +10,8 @@ Epoch contract (both backends):
 - train: each rank yields ``(N // W) // batch_size`` full batches, the same number on every rank,
   drawn from the range of shard ``(rank + epoch) % W`` (ranges rotate, so every epoch covers the
   data with different rank assignments) through a shuffle buffer; no rank waits for another.
+  The few samples of a range beyond those batches are skipped that epoch (DALI: whatever is left
+  in its shuffle buffer; torch: the range's tail before shuffling).
 - eval: each rank yields its whole range once, ``ceil(n_r / batch_size)`` batches, the last one
   possibly smaller: over all ranks every sample exactly once, no padding duplicates.
 - ``set_epoch(e)`` re-seeds shuffling and augmentation from ``(cfg.seed, e, rank)``: an epoch's

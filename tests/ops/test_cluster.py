@@ -19,10 +19,8 @@ def test_up_twice_status_down(tmp_path, capsys):
         ray_info, ml = first["ray"], first["mlflow"]
         assert not ray_info["reused"] and not ml["reused"]
         assert ray_info["address"].startswith("127.0.0.1:") and ml["url"].startswith("http://127.0.0.1:")
-        assert (
-            requests.get(f"{ray_info['dashboard_url']}/api/version", timeout=5).json()["ray_version"]
-            == "2.60.0"
-        )
+        # /api/gcs_healthz answers without a token (Ray enables token auth when ~/.ray/auth_token exists)
+        assert requests.get(f"{ray_info['dashboard_url']}/api/gcs_healthz", timeout=5).text == "success"
         assert requests.get(f"{ml['url']}/health", timeout=5).text.strip() == "OK"
         assert json.loads((state_dir / "cluster.json").read_text())["mlflow"]["pgid"] == ml["pgid"]
         assert cluster.group_pids(ray_info["pgid"]) and ray_info["gcs_pid"] in cluster.group_pids(
