@@ -163,6 +163,17 @@ def _env() -> dict:
     env["VIRTUAL_ENV"] = str(Path(sys.executable).parent.parent)
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # DESIGN.md facts: keeps Ray on 127.0.0.1
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # DESIGN.md facts: ~0.5 GiB instead of 2.5 GiB
+    # Ray 2.60 switches token auth on for `ray start` whenever ~/.ray/auth_token exists (any earlier
+    # local ray.init() writes one), and clients then need the token. This head is bound to 127.0.0.1
+    # only, so it is started without auth unless the caller chose a mode; clients use client_env().
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    return env
+
+
+def client_env() -> dict:
+    """Environment for `ray job submit` / ray.init against the head that `up` started."""
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
     return env
 
 

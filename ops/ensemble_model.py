@@ -20,9 +20,11 @@ e.g. ``curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/j
 "{\\"dataframe_records\\": [{\\"image\\": \\"$(base64 -w0 cat.jpg)\\"}]}"``. The answer is
 ``{"predictions": [{"classes": [...], "indices": [...], "probabilities": [...]}, ...]}``, one
 record per image with the ``top_k`` (default 5) classes, best first. ``"params": {"top_k": 0}``
-returns instead ``{"probabilities": [p_0, ..., p_{C-1}]}`` per image (class order:
-``ensemble_config.json`` / the ``class_names`` tag). A body without an ``image`` column or with
-bytes that are not an image is answered with HTTP 400 and a message naming the problem.
+returns instead ``{"probabilities": [p_0, ..., p_{C-1}]}`` per image (class order: the model's
+``artifacts/ensemble_config.json``). A body without an ``image`` column, or with bytes that are not
+an image, is answered with HTTP 400 and a JSON ``message`` naming the missing column or the row
+(``... row 0 of column 'image' is not a decodable image ...``). Start the server from the activated
+virtual environment (it runs ``uvicorn`` from PATH) with ``MLFLOW_TRACKING_URI`` set to the registry.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 CONFIG_ARTIFACT = "ensemble_config"
 IMAGE_COLUMN = "image"
 DEFAULT_TOP_K = 5  # the paper reports top-1 and top-5; top-5 is what serving returns by default
-# Crops pushed through the network at once. 144 crops x 299^2 x 3 float32 = 154 MB per image,
-# so a request is processed a few images at a time to bound memory.
-MAX_CROPS_PER_FORWARD = 288
+# Crops pushed through each member at once: Inception-v3's largest activation at 299 px is
+# 64 x 147 x 147 float32 = 5.5 MB per crop, so 144 crops (one image at 144 crops) peak near 1 GB.
+MAX_CROPS_PER_FORWARD = 144
 
 
 def member_artifact(index: int) -> str:
@@ -114,23 +116,29 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         self, images: list[bytes | np.ndarray], crops: int | None = None
     ) -> torch.Tensor:
         """Per-member class probabilities averaged over the crops: [M, N, C] float32 on the CPU."""
-        from pipeline.multicrop import preprocess_images
-
         crops = crops or self.crops
         per_chunk = max(1, MAX_CROPS_PER_FORWARD // crops)
         out = []
         for start in range(0, len(images), per_chunk):
-            chunk = images[start : start + per_chunk]
-            try:
-                x = preprocess_images(chunk, crops, self.data_config)  # [n*K, 3, S, S]
-            except ValueError as exc:
-                raise EnsembleInputError(f"images {start}..{start + len(chunk) - 1}: {exc}") from exc
-            x = x.to(self.device, dtype=torch.float32)
+            chunk = [
+                self._preprocess(images[i], i, crops)
+                for i in range(start, min(start + per_chunk, len(images)))
+            ]
+            x = torch.cat(chunk).to(self.device, dtype=torch.float32)  # [n*K, 3, S, S]
             probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members])  # [M, n*K, C]
             out.append(probs.view(len(self.members), len(chunk), crops, -1).mean(dim=2).cpu())
         if not out:
             return torch.zeros(len(self.members), 0, len(self.class_names))
         return torch.cat(out, dim=1)
+
+    def _preprocess(self, image: bytes | np.ndarray, row: int, crops: int) -> torch.Tensor:
+        from pipeline.multicrop import preprocess_images
+
+        try:
+            return preprocess_images([image], crops, self.data_config)  # [K, 3, S, S]
+        except ValueError as exc:
+            reason = str(exc).replace("images[0] ", "", 1)
+            raise EnsembleInputError(f"row {row} of column 'image' {reason}") from exc
 
     def predict_images(self, images: list[bytes | np.ndarray], top_k: int = DEFAULT_TOP_K) -> pd.DataFrame:
         """Ensemble prediction for in-memory images (JPEG bytes or uint8 HWC arrays)."""

@@ -28,8 +28,10 @@ import torch
 from tqdm import tqdm
 
 PAPER_CROPS = (1, 10, 144)  # paper §8 / Tables 4-5: single crop, 10 crops, 144 crops
-# Crops per forward pass: 1024 crops x 299^2 x 3 float32 ~ 1.1 GB, so a 144-crop batch holds 7 images.
-MAX_CROPS_PER_BATCH = 1024
+# Crops per forward pass. Inception-v3's largest activation at 299 px is 64 x 147 x 147 float32 =
+# 5.5 MB per crop, so 1024 crops (7 images at 144 crops) need ~6 GB per such tensor: fine on a GPU;
+# on a CPU machine (DESIGN.md: 24 GiB shared) 256 crops keep the peak near 1.5 GB.
+MAX_CROPS_PER_BATCH = {"cuda": 1024, "cpu": 256}
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def evaluate_multicrop(
 
     ``data`` gives the preprocessing (a DataConfig or a dict with image_size, val_resize,
     normalization); ``batch_size`` is images per batch, lowered for many crops so that a batch
-    holds at most MAX_CROPS_PER_BATCH crops.
+    holds at most MAX_CROPS_PER_BATCH[device] crops.
     """
     from pipeline import make_multicrop_loader
 
@@ -130,7 +132,8 @@ def evaluate_multicrop(
     members = [m.to(device).eval() for m in members]
     top1, top5, num_samples = {}, {}, None
     for c in crops:
-        cfg = _data_config(data, shards, max(1, min(batch_size, MAX_CROPS_PER_BATCH // c)), backend)
+        images_per_batch = max(1, min(batch_size, MAX_CROPS_PER_BATCH.get(device.type, 256) // c))
+        cfg = _data_config(data, shards, images_per_batch, backend)
         loader = make_multicrop_loader(cfg, split, c, 0, 1, device)
         hits1, hits5, seen = dict.fromkeys(member_counts, 0), dict.fromkeys(member_counts, 0), 0
         for images, labels in tqdm(

@@ -68,8 +68,14 @@ def ensure_experiment(client, name: str, storage_path: str, uri: str) -> str:
         return exp.experiment_id
 
 
-def create_run(uri: str, experiment: str, run_name: str, storage_path: str, tags: dict[str, str],
-               parent_run_id: str | None = None) -> str:
+def create_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    storage_path: str,
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+) -> str:
     """Create an MLflow run (child of ``parent_run_id`` when given) and return its id."""
     from mlflow import MlflowClient
 
@@ -84,8 +90,9 @@ def create_run(uri: str, experiment: str, run_name: str, storage_path: str, tags
 
 def git_commit(root: str | Path) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -117,8 +124,12 @@ class RunTracker:
 
     def _disable(self, reason: str) -> None:
         if self.enabled:
-            warnings.warn(f"MLflow tracking at {self.uri} is unreachable ({reason}); training continues "
-                          "without tracking for this run", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"MLflow tracking at {self.uri} is unreachable ({reason}); training continues "
+                "without tracking for this run",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self.enabled = False
 
     def _call(self, fn, *args, **kwargs) -> Any:
@@ -135,7 +146,7 @@ class RunTracker:
 
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):  # MLflow log_batch: at most 100 params per call
-            self._call(lambda chunk: self.client.log_batch(self.run_id, params=chunk), items[i:i + 100])
+            self._call(lambda chunk: self.client.log_batch(self.run_id, params=chunk), items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

@@ -42,13 +42,17 @@ class ModelConfig:
     compile: bool = False  # torch.compile the model (GPU throughput; slow to start)
 
     def __post_init__(self) -> None:
-        _check("model", self, {
-            "name": self.name in ("inception_v3", "googlenet"),
-            "num_classes": self.num_classes >= 0,
-            "width_mult": self.width_mult > 0,
-            "amp": self.amp in ("auto", "bf16", "off"),
-            "channels_last": self.channels_last in ("auto", "on", "off"),
-        })
+        _check(
+            "model",
+            self,
+            {
+                "name": self.name in ("inception_v3", "googlenet"),
+                "num_classes": self.num_classes >= 0,
+                "width_mult": self.width_mult > 0,
+                "amp": self.amp in ("auto", "bf16", "off"),
+                "channels_last": self.channels_last in ("auto", "on", "off"),
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -65,18 +69,22 @@ class OptimConfig:
     label_smoothing: float = 0.1  # paper §7: ε = 0.1
 
     def __post_init__(self) -> None:
-        _check("optim", self, {
-            "name": self.name in ("rmsprop_tf", "sgd"),
-            "lr": self.lr > 0,
-            "lr_reference_batch": self.lr_reference_batch >= 1,
-            "lr_scaling": self.lr_scaling in ("linear", "sqrt", "none"),
-            "decay": 0 <= self.decay < 1,
-            "momentum": 0 <= self.momentum < 1,
-            "eps": self.eps > 0,
-            "weight_decay": self.weight_decay >= 0,
-            "clip_grad_norm": self.clip_grad_norm >= 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-        })
+        _check(
+            "optim",
+            self,
+            {
+                "name": self.name in ("rmsprop_tf", "sgd"),
+                "lr": self.lr > 0,
+                "lr_reference_batch": self.lr_reference_batch >= 1,
+                "lr_scaling": self.lr_scaling in ("linear", "sqrt", "none"),
+                "decay": 0 <= self.decay < 1,
+                "momentum": 0 <= self.momentum < 1,
+                "eps": self.eps > 0,
+                "weight_decay": self.weight_decay >= 0,
+                "clip_grad_norm": self.clip_grad_norm >= 0,
+                "label_smoothing": 0 <= self.label_smoothing < 1,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -88,13 +96,17 @@ class ScheduleConfig:
     warmup_start_factor: float = 0.1  # warm-up starts at this fraction of the scaled lr
 
     def __post_init__(self) -> None:
-        _check("schedule", self, {
-            "epochs": self.epochs >= 1,
-            "decay_rate": 0 < self.decay_rate <= 1,
-            "decay_epochs": self.decay_epochs > 0,
-            "warmup_epochs": self.warmup_epochs is None or self.warmup_epochs >= 0,
-            "warmup_start_factor": 0 < self.warmup_start_factor <= 1,
-        })
+        _check(
+            "schedule",
+            self,
+            {
+                "epochs": self.epochs >= 1,
+                "decay_rate": 0 < self.decay_rate <= 1,
+                "decay_epochs": self.decay_epochs > 0,
+                "warmup_epochs": self.warmup_epochs is None or self.warmup_epochs >= 0,
+                "warmup_start_factor": 0 < self.warmup_start_factor <= 1,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -115,12 +127,16 @@ class ScalingConfig:
     gpus_per_worker: float = 1.0  # used when use_gpu resolves to on
 
     def __post_init__(self) -> None:
-        _check("scaling", self, {
-            "num_workers": self.num_workers >= 1,
-            "use_gpu": self.use_gpu in ("auto", "on", "off"),
-            "cpus_per_worker": self.cpus_per_worker > 0,
-            "gpus_per_worker": self.gpus_per_worker > 0,
-        })
+        _check(
+            "scaling",
+            self,
+            {
+                "num_workers": self.num_workers >= 1,
+                "use_gpu": self.use_gpu in ("auto", "on", "off"),
+                "cpus_per_worker": self.cpus_per_worker > 0,
+                "gpus_per_worker": self.gpus_per_worker > 0,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -145,11 +161,15 @@ class EnsembleConfig:
     eval_crops: int = 1  # crops for the registry's evaluation on the val split
 
     def __post_init__(self) -> None:
-        _check("ensemble", self, {
-            "members": self.members >= 1,
-            "concurrent": self.concurrent in ("auto", "on", "off"),
-            "eval_crops": self.eval_crops in (1, 10, 144),
-        })
+        _check(
+            "ensemble",
+            self,
+            {
+                "members": self.members >= 1,
+                "concurrent": self.concurrent in ("auto", "on", "off"),
+                "eval_crops": self.eval_crops in (1, 10, 144),
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -160,11 +180,15 @@ class CheckpointConfig:
     max_failures: int = 3  # Ray FailureConfig(max_failures): worker restarts from the latest checkpoint
 
     def __post_init__(self) -> None:
-        _check("checkpoint", self, {
-            "name": bool(self.name) and "/" not in self.name,
-            "num_to_keep": self.num_to_keep >= 1,
-            "max_failures": self.max_failures >= -1,
-        })
+        _check(
+            "checkpoint",
+            self,
+            {
+                "name": bool(self.name) and "/" not in self.name,
+                "num_to_keep": self.num_to_keep >= 1,
+                "max_failures": self.max_failures >= -1,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -178,13 +202,17 @@ class DebugConfig:
     max_eval_batches: int = 0  # >0: evaluate on this many batches per rank only
 
     def __post_init__(self) -> None:
-        _check("debug", self, {
-            "fail_at_step": self.fail_at_step >= 0,
-            "fail_marker": self.fail_at_step == 0 or bool(self.fail_marker),
-            "fail_mode": self.fail_mode in ("raise", "kill"),
-            "max_steps_per_epoch": self.max_steps_per_epoch >= 0,
-            "max_eval_batches": self.max_eval_batches >= 0,
-        })
+        _check(
+            "debug",
+            self,
+            {
+                "fail_at_step": self.fail_at_step >= 0,
+                "fail_marker": self.fail_at_step == 0 or bool(self.fail_marker),
+                "fail_mode": self.fail_mode in ("raise", "kill"),
+                "max_steps_per_epoch": self.max_steps_per_epoch >= 0,
+                "max_eval_batches": self.max_eval_batches >= 0,
+            },
+        )
 
 
 @dataclass(frozen=True)
@@ -332,7 +360,7 @@ def resolve_paths(cfg: TrainConfig, root: str | Path | None = None) -> TrainConf
 
     uri = cfg.tracking.uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + absolute(uri[len("sqlite:///"):])
+        uri = "sqlite:///" + absolute(uri[len("sqlite:///") :])
     elif uri and "://" not in uri:  # a bare path: a sqlite file
         uri = "sqlite:///" + absolute(uri)
     return dataclasses.replace(
@@ -344,8 +372,9 @@ def resolve_paths(cfg: TrainConfig, root: str | Path | None = None) -> TrainConf
     )
 
 
-def load_config(path: str | Path | None, overrides: typing.Iterable[str] = (), root: str | None = None
-                ) -> TrainConfig:
+def load_config(
+    path: str | Path | None, overrides: typing.Iterable[str] = (), root: str | None = None
+) -> TrainConfig:
     """Read a YAML recipe (``None``: the defaults), apply overrides, validate, resolve paths."""
     data: dict[str, Any] = {}
     if path is not None:

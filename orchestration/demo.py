@@ -25,7 +25,6 @@ Extra ``section.key=value`` arguments override ``configs/demo.yaml`` (e.g. ``sch
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -61,7 +60,9 @@ def submit_training(dashboard_url: str, mlflow_url: str, overrides: list[str]) -
         f"tracking.uri={mlflow_url}", *overrides,
     ]
     print("    $ " + " ".join(cmd), flush=True)
-    env = dict(os.environ, RAY_ADDRESS=dashboard_url)
+    from ops.cluster import client_env
+
+    env = dict(client_env(), RAY_ADDRESS=dashboard_url)
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"the training job failed (ray job submit exited {result.returncode}); "

@@ -81,21 +81,39 @@ def create_runs(cfg: TrainConfig, uri: str, tags: dict) -> tuple[str | None, lis
     try:
         parent = None
         if n > 1:
-            parent = create_run(uri, cfg.tracking.experiment, cfg.checkpoint.name, storage,
-                                {**tags, "role": "ensemble-parent"})
+            parent = create_run(
+                uri,
+                cfg.tracking.experiment,
+                cfg.checkpoint.name,
+                storage,
+                {**tags, "role": "ensemble-parent"},
+            )
             from ops.tracking import RunTracker
 
             RunTracker(uri, parent).log_params(flatten(cfg.to_dict()))
         members = []
         for i in range(n):
             member_cfg = cfg.for_member(i)
-            members.append(create_run(uri, cfg.tracking.experiment, member_cfg.checkpoint.name, storage,
-                                      {**tags, "role": "ensemble-member" if n > 1 else "single",
-                                       "ensemble.member_index": str(i), "seed": str(member_cfg.seed)},
-                                      parent_run_id=parent))
+            members.append(
+                create_run(
+                    uri,
+                    cfg.tracking.experiment,
+                    member_cfg.checkpoint.name,
+                    storage,
+                    {
+                        **tags,
+                        "role": "ensemble-member" if n > 1 else "single",
+                        "ensemble.member_index": str(i),
+                        "seed": str(member_cfg.seed),
+                    },
+                    parent_run_id=parent,
+                )
+            )
     except Exception as exc:  # tracking must never stop training
-        print(f"warning: could not create MLflow runs at {uri} ({type(exc).__name__}: {exc}); "
-              "training continues untracked")
+        print(
+            f"warning: could not create MLflow runs at {uri} ({type(exc).__name__}: {exc}); "
+            "training continues untracked"
+        )
         return None, [None] * n
     ids_file.parent.mkdir(parents=True, exist_ok=True)
     ids_file.write_text(json.dumps({"tracking_uri": uri, "parent": parent, "members": members}, indent=2))
@@ -121,14 +139,21 @@ def member_slots(cfg: TrainConfig) -> int:
     return max(1, min(n, fits))
 
 
-def register_members(cfg: TrainConfig, members: tuple[MemberResult, ...], uri: str, parent: str | None
-                     ) -> tuple[Any, Any, str]:
+def register_members(
+    cfg: TrainConfig, members: tuple[MemberResult, ...], uri: str, parent: str | None
+) -> tuple[Any, Any, str]:
     """Register the final checkpoints with ``ops.registry`` (when present) and ask its promotion gate."""
     try:
         from ops import registry
     except ImportError as exc:
-        return None, None, (f"ops.registry is not available ({exc}); register later with "
-                            "`inception-registry register` on the checkpoint directories")
+        return (
+            None,
+            None,
+            (
+                f"ops.registry is not available ({exc}); register later with "
+                "`inception-registry register` on the checkpoint directories"
+            ),
+        )
     from mlflow import MlflowClient
 
     from ops.tracking import ensure_experiment
@@ -142,13 +167,23 @@ def register_members(cfg: TrainConfig, members: tuple[MemberResult, ...], uri: s
     if len(sources) != len(members):
         return None, None, "a member has no final checkpoint; nothing registered"
     # Give the registry's experiment an absolute artifact location (see ops.tracking).
-    ensure_experiment(MlflowClient(tracking_uri=uri), registry.DEFAULT_EXPERIMENT, cfg.checkpoint.storage_path, uri)
+    ensure_experiment(
+        MlflowClient(tracking_uri=uri), registry.DEFAULT_EXPERIMENT, cfg.checkpoint.storage_path, uri
+    )
     version = registry.register_ensemble(
-        sources, cfg.ensemble.model_name, tracking_uri=uri, crops=cfg.ensemble.eval_crops,
-        eval_shards=cfg.data.shards, eval_split=cfg.data.val_split,
-        tags={"training_parent_run": parent or (members[0].run_id or "-")})
-    decision = registry.promote(cfg.ensemble.model_name, version.version, tracking_uri=uri) \
-        if cfg.ensemble.promote else None
+        sources,
+        cfg.ensemble.model_name,
+        tracking_uri=uri,
+        crops=cfg.ensemble.eval_crops,
+        eval_shards=cfg.data.shards,
+        eval_split=cfg.data.val_split,
+        tags={"training_parent_run": parent or (members[0].run_id or "-")},
+    )
+    decision = (
+        registry.promote(cfg.ensemble.model_name, version.version, tracking_uri=uri)
+        if cfg.ensemble.promote
+        else None
+    )
     return version, decision, ""
 
 
@@ -161,15 +196,18 @@ def run_training(cfg: TrainConfig, repo_root: str | Path) -> TrainingOutcome:
     parent, run_ids = create_runs(cfg, uri, common_tags(cfg, repo_root))
     n = cfg.ensemble.members
     slots = member_slots(cfg)
-    print(f"training {n} member(s), {slots} at a time, {cfg.scaling.num_workers} worker(s) each; "
-          f"tracking {uri}; checkpoints under {cfg.checkpoint.storage_path}", flush=True)
+    print(
+        f"training {n} member(s), {slots} at a time, {cfg.scaling.num_workers} worker(s) each; "
+        f"tracking {uri}; checkpoints under {cfg.checkpoint.storage_path}",
+        flush=True,
+    )
     jobs = [(cfg.for_member(i), i, run_ids[i], uri) for i in range(n)]
     if slots == 1:
         members = tuple(fit_member(*job) for job in jobs)
     else:
         with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="member") as pool:
             members = tuple(pool.map(lambda job: fit_member(*job), jobs))
-    for m, run_id in zip(members, run_ids, strict=True):
+    for run_id in run_ids:
         RunTracker(uri, run_id).set_terminated("FINISHED")
     version = decision = None
     note = ""
@@ -178,12 +216,20 @@ def run_training(cfg: TrainConfig, repo_root: str | Path) -> TrainingOutcome:
         if note:
             print(f"note: {note}")
         else:
-            print(f"registered {cfg.ensemble.model_name} version {version.version}"
-                  + (f"; promotion: {decision.reason}" if decision is not None else ""))
+            print(
+                f"registered {cfg.ensemble.model_name} version {version.version}"
+                + (f"; promotion: {decision.reason}" if decision is not None else "")
+            )
     if parent:
         tracker = RunTracker(uri, parent)
         tracker.set_tags({"registered_version": getattr(version, "version", None)})
         tracker.log_dict({"members": [m.__dict__ for m in members]}, "members.json")
         tracker.set_terminated("FINISHED")
-    return TrainingOutcome(members=members, tracking_uri=uri, parent_run_id=parent, registered=version,
-                           promotion=decision, note=note)
+    return TrainingOutcome(
+        members=members,
+        tracking_uri=uri,
+        parent_run_id=parent,
+        registered=version,
+        promotion=decision,
+        note=note,
+    )

@@ -83,10 +83,17 @@ def _autocast(s: LoopSettings):
     return torch.autocast(device_type=s.device.type, dtype=s.amp_dtype)
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    schedule: LrSchedule, ema: ModelEma | None, ema_target: nn.Module,
-                    s: LoopSettings, global_step: int,
-                    on_log: Callable[[dict[str, float], int], None] | None = None) -> tuple[dict, int]:
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    schedule: LrSchedule,
+    ema: ModelEma | None,
+    ema_target: nn.Module,
+    s: LoopSettings,
+    global_step: int,
+    on_log: Callable[[dict[str, float], int], None] | None = None,
+) -> tuple[dict, int]:
     """Train over ``loader`` once; returns (epoch metrics reduced over ranks, new global step).
 
     ``ema_target`` is the unwrapped model (no DDP / compile wrapper) whose weights the EMA follows;
@@ -136,20 +143,24 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
             sync()
             now = time.perf_counter()
             elapsed = max(now - win_start, 1e-9)
-            on_log({
-                "train/loss": float(win_loss) / win_steps,
-                "train/lr": schedule.get_last_lr(),
-                "train/images_per_sec": win_samples * s.world_size / elapsed,
-                "train/loader_wait_frac": win_wait / elapsed,
-                "train/step_time_s": elapsed / win_steps,
-                "train/peak_memory_mib": peak_memory_mib(s.device),
-            }, global_step)
+            on_log(
+                {
+                    "train/loss": float(win_loss) / win_steps,
+                    "train/lr": schedule.get_last_lr(),
+                    "train/images_per_sec": win_samples * s.world_size / elapsed,
+                    "train/loader_wait_frac": win_wait / elapsed,
+                    "train/step_time_s": elapsed / win_steps,
+                    "train/peak_memory_mib": peak_memory_mib(s.device),
+                },
+                global_step,
+            )
             win_start, win_wait, win_samples, win_steps = now, 0.0, 0, 0
             win_loss = torch.zeros_like(win_loss)
     sync()
     elapsed = time.perf_counter() - epoch_start
     total_loss, total_samples, total_wait, total_time, total_steps = all_reduce_sum(
-        [float(loss_sum), float(samples), wait_total, elapsed, float(steps)], s.device)
+        [float(loss_sum), float(samples), wait_total, elapsed, float(steps)], s.device
+    )
     ranks = s.world_size
     metrics = {
         "train_loss": total_loss / max(total_samples, 1),
@@ -188,5 +199,9 @@ def evaluate(model: nn.Module, loader: Iterable, s: LoopSettings) -> dict[str, f
         loss_sum += float(label_smoothing_cross_entropy(logits, labels, 0.0)) * labels.shape[0]
         count += labels.shape[0]
     correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count], s.device)
-    return {"top1": correct1 / max(count, 1), "top5": correct5 / max(count, 1),
-            "loss": loss_sum / max(count, 1), "count": count}
+    return {
+        "top1": correct1 / max(count, 1),
+        "top5": correct5 / max(count, 1),
+        "loss": loss_sum / max(count, 1),
+        "count": count,
+    }

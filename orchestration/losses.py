@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def label_smoothing_cross_entropy(logits: torch.Tensor, target: torch.Tensor, epsilon: float = 0.1
-                                  ) -> torch.Tensor:
+def label_smoothing_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, epsilon: float = 0.1
+) -> torch.Tensor:
     """Mean over the batch of ``H(q', p)`` with ``q'(k) = (1 - ε) δ(k, y) + ε / K`` (paper §7, u = uniform).
 
     logits [B, K] (any float dtype, computed in float32), target int64 [B].
@@ -23,8 +24,13 @@ def label_smoothing_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ep
     return ((1 - epsilon) * nll + epsilon * uniform).mean()
 
 
-def training_loss(logits: torch.Tensor, aux_logits: Sequence[torch.Tensor], target: torch.Tensor,
-                  aux_weights: Sequence[float], epsilon: float) -> torch.Tensor:
+def training_loss(
+    logits: torch.Tensor,
+    aux_logits: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    aux_weights: Sequence[float],
+    epsilon: float,
+) -> torch.Tensor:
     """Main loss plus ``sum(w_i * loss(aux_i))``: Inception-v3 one head at 0.4, GoogLeNet two at 0.3
     (the weights come from ``model.aux_loss_weights``)."""
     if len(aux_logits) != len(aux_weights):

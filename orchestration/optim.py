@@ -38,13 +38,23 @@ class RMSpropTF(torch.optim.Optimizer):
     RMS normalisation — that is what the reference did.
     """
 
-    def __init__(self, params, lr: float = 0.045, decay: float = 0.9, momentum: float = 0.9,
-                 eps: float = 1.0, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.045,
+        decay: float = 0.9,
+        momentum: float = 0.9,
+        eps: float = 1.0,
+        weight_decay: float = 0.0,
+    ):
         if lr <= 0 or not 0 <= decay < 1 or not 0 <= momentum < 1 or eps <= 0 or weight_decay < 0:
-            raise ValueError(f"RMSpropTF: invalid hyper-parameters lr={lr} decay={decay} "
-                             f"momentum={momentum} eps={eps} weight_decay={weight_decay}")
-        super().__init__(params, dict(lr=lr, decay=decay, momentum=momentum, eps=eps,
-                                      weight_decay=weight_decay))
+            raise ValueError(
+                f"RMSpropTF: invalid hyper-parameters lr={lr} decay={decay} "
+                f"momentum={momentum} eps={eps} weight_decay={weight_decay}"
+            )
+        super().__init__(
+            params, dict(lr=lr, decay=decay, momentum=momentum, eps=eps, weight_decay=weight_decay)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):

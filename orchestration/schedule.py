@@ -45,8 +45,14 @@ def warmup_epochs(cfg: ScheduleConfig, global_batch: int) -> float:
 class LrSchedule:
     """Step-indexed schedule; ``step()`` after each optimizer step sets the lr of the next one."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, steps_per_epoch: int,
-                 cfg: ScheduleConfig, warmup: float):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        base_lr: float,
+        steps_per_epoch: int,
+        cfg: ScheduleConfig,
+        warmup: float,
+    ):
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         self.optimizer = optimizer
@@ -80,13 +86,18 @@ class LrSchedule:
             group["lr"] = lr
 
     def state_dict(self) -> dict:
-        return {"last_step": self.last_step, "base_lr": self.base_lr, "steps_per_epoch": self.steps_per_epoch,
-                "warmup_steps": self.warmup_steps}
+        return {
+            "last_step": self.last_step,
+            "base_lr": self.base_lr,
+            "steps_per_epoch": self.steps_per_epoch,
+            "warmup_steps": self.warmup_steps,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(
                 f"checkpoint schedule has {state['steps_per_epoch']} steps per epoch, this run "
-                f"{self.steps_per_epoch}: resume with the same data, batch size and number of workers")
+                f"{self.steps_per_epoch}: resume with the same data, batch size and number of workers"
+            )
         self.last_step = int(state["last_step"])
         self._apply()

@@ -1,4 +1,4 @@
-"""Training entry point: ``python orchestration/train.py --config configs/<recipe>.yaml [section.key=value ...]``.
+"""Training entry point: ``python orchestration/train.py --config configs/<recipe>.yaml [key=value ...]``.
 
 Against a running cluster::
 
@@ -31,13 +31,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train Inception-v3 (or an ensemble of N members) on Ray Train with MLflow tracking.",
         epilog="Overrides: section.key=value, e.g. schedule.epochs=3 data.batch_size=64 ensemble.members=2",
     )
-    parser.add_argument("--config", required=True, help="YAML recipe (configs/imagenet.yaml, configs/demo.yaml)")
+    parser.add_argument(
+        "--config", required=True, help="YAML recipe (configs/imagenet.yaml, configs/demo.yaml)"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the recipe")
-    parser.add_argument("--root", default=None,
-                        help="folder that relative paths resolve against (default: $INCEPTION_ROOT or cwd)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (default: $RAY_ADDRESS, a running local cluster, or a new one)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a newly started local Ray instance")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="folder that relative paths resolve against (default: $INCEPTION_ROOT or cwd)",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address (default: $RAY_ADDRESS, a running local cluster, or a new one)",
+    )
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="CPUs of a newly started local Ray instance"
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser.parse_args(argv)
 
@@ -73,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if _inside_ray_working_dir_copy(cfg.checkpoint.storage_path) and not args.root:
-        print(f"error: checkpoint.storage_path resolved to {cfg.checkpoint.storage_path}, inside Ray's temporary "
-              "copy of the working dir, which is deleted after the job: pass --root $PWD or absolute paths",
-              file=sys.stderr)
+        print(
+            f"error: checkpoint.storage_path resolved to {cfg.checkpoint.storage_path}, inside Ray's "
+            "temporary copy of the working dir, which is deleted after the job: pass --root $PWD or "
+            "absolute paths",
+            file=sys.stderr,
+        )
         return 2
     from ops.checkpoint import CheckpointError
     from orchestration.ensemble import run_training
@@ -95,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for m in outcome.members:
         top1 = m.metrics.get("val_ema_top1", m.metrics.get("val_top1"))
-        print(f"member {m.index}: epochs {m.metrics.get('epoch')} val top-1 (EMA) {top1:.4f} "
-              f"checkpoint {m.checkpoint_dir} mlflow run {m.run_id}")
+        print(
+            f"member {m.index}: epochs {m.metrics.get('epoch')} val top-1 (EMA) {top1:.4f} "
+            f"checkpoint {m.checkpoint_dir} mlflow run {m.run_id}"
+        )
     return 0
 
 

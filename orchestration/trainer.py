@@ -65,29 +65,39 @@ def _gather_rng_states() -> list[dict[str, Any]]:
     return states
 
 
-def loop_settings(cfg: TrainConfig, model: torch.nn.Module, device: torch.device, rank: int,
-                  world_size: int) -> LoopSettings:
+def loop_settings(
+    cfg: TrainConfig, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
+) -> LoopSettings:
     on_gpu = device.type == "cuda"
     amp = {"auto": torch.bfloat16 if on_gpu else None, "bf16": torch.bfloat16, "off": None}[cfg.model.amp]
     channels_last = {"auto": on_gpu, "on": True, "off": False}[cfg.model.channels_last]
     return LoopSettings(
-        device=device, amp_dtype=amp, channels_last=channels_last,
+        device=device,
+        amp_dtype=amp,
+        channels_last=channels_last,
         aux_weights=tuple(getattr(model, "aux_loss_weights", ())),
-        label_smoothing=cfg.optim.label_smoothing, clip_grad_norm=cfg.optim.clip_grad_norm,
-        log_every=cfg.tracking.log_every_steps, max_steps=cfg.debug.max_steps_per_epoch,
-        max_eval_batches=cfg.debug.max_eval_batches, fail_at_step=cfg.debug.fail_at_step,
-        fail_marker=cfg.debug.fail_marker, fail_mode=cfg.debug.fail_mode, rank=rank, world_size=world_size,
+        label_smoothing=cfg.optim.label_smoothing,
+        clip_grad_norm=cfg.optim.clip_grad_norm,
+        log_every=cfg.tracking.log_every_steps,
+        max_steps=cfg.debug.max_steps_per_epoch,
+        max_eval_batches=cfg.debug.max_eval_batches,
+        fail_at_step=cfg.debug.fail_at_step,
+        fail_marker=cfg.debug.fail_marker,
+        fail_mode=cfg.debug.fail_mode,
+        rank=rank,
+        world_size=world_size,
     )
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train ``train_loop_per_worker``: ``{"config": TrainConfig dict, "mlflow_run_id", "tracking_uri"}``."""
+    """Ray Train ``train_loop_per_worker``; ``loop_config`` = ``{"config": TrainConfig.to_dict(),
+    "mlflow_run_id": ..., "tracking_uri": ...}``."""
     cfg = TrainConfig.from_dict(loop_config["config"])  # typed config first (STYLE.md rule 2)
     import ray.train
     import ray.train.torch
 
     import models
-    from ops.checkpoint import load_checkpoint, save_checkpoint
+    from ops.checkpoint import save_checkpoint
     from ops.tracking import RunTracker
     from pipeline import load_manifest, make_loader
 
@@ -96,13 +106,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    tracker = RunTracker(loop_config.get("tracking_uri", ""), loop_config.get("mlflow_run_id"),
-                         enabled=cfg.tracking.enabled and rank == 0)  # only rank 0 logs
+    tracker = RunTracker(
+        loop_config.get("tracking_uri", ""),
+        loop_config.get("mlflow_run_id"),
+        enabled=cfg.tracking.enabled and rank == 0,
+    )  # only rank 0 logs
 
     manifest = load_manifest(cfg.data.shards)
     num_classes = cfg.model.num_classes or manifest.num_classes
-    model_spec = {"name": cfg.model.name, "num_classes": num_classes,
-                  "options": {"aux_logits": cfg.model.aux_logits, "width_mult": cfg.model.width_mult}}
+    model_spec = {
+        "name": cfg.model.name,
+        "num_classes": num_classes,
+        "options": {"aux_logits": cfg.model.aux_logits, "width_mult": cfg.model.width_mult},
+    }
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = models.build_model(model_spec["name"], num_classes, **model_spec["options"])
     s = loop_settings(cfg, model, device, rank, world_size)
@@ -116,19 +132,20 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if cfg.debug.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.debug.max_steps_per_epoch)
     if steps_per_epoch < 1:
-        raise RuntimeError(f"data.shards {cfg.data.shards}: split {cfg.data.train_split!r} gives no full batch "
-                           f"of {cfg.data.batch_size} per rank for {world_size} workers; lower data.batch_size")
+        raise RuntimeError(
+            f"data.shards {cfg.data.shards}: split {cfg.data.train_split!r} gives no full batch "
+            f"of {cfg.data.batch_size} per rank for {world_size} workers; lower data.batch_size"
+        )
     base_lr = scaled_lr(cfg.optim, cfg.global_batch())
     optimizer = build_optimizer(model, cfg.optim, base_lr)
-    schedule = LrSchedule(optimizer, base_lr, steps_per_epoch, cfg.schedule,
-                          warmup_epochs(cfg.schedule, cfg.global_batch()))
+    schedule = LrSchedule(
+        optimizer, base_lr, steps_per_epoch, cfg.schedule, warmup_epochs(cfg.schedule, cfg.global_batch())
+    )
 
     start_epoch, global_step = 0, 0
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank stream for dropout etc. after identical init
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            payload = load_checkpoint(ckpt_dir, map_location=device)
+    payload, source = load_resume_payload(cfg, device)
+    if payload is not None:
         model.load_state_dict(payload["model"], strict=True)
         optimizer.load_state_dict(payload["optimizer"])
         schedule.load_state_dict(payload["scheduler"])
@@ -138,18 +155,28 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         rng = payload["extra"]["rng"]
         if len(rng) == world_size:
             _set_rng_state(rng[rank])
-        print(f"[rank {rank}] resumed from {checkpoint.path}: epoch {start_epoch}, step {global_step}")
-    elif rank == 0:
+        print(f"[rank {rank}] resumed from {source}: epoch {start_epoch}, step {global_step}", flush=True)
+    elif rank == 0:  # a fresh run: describe it once
         tracker.log_params(flatten(cfg.to_dict()))
         tracker.log_text(to_yaml(cfg), "config/resolved_config.yaml")
         tracker.log_text("\n".join(class_names) + "\n", "class_names.txt")
-        tracker.set_tags({"num_classes": num_classes, "global_batch": cfg.global_batch(), "base_lr": base_lr,
-                          "steps_per_epoch": steps_per_epoch, "world_size": world_size, "device": device.type})
+        tracker.set_tags(
+            {
+                "num_classes": num_classes,
+                "global_batch": cfg.global_batch(),
+                "base_lr": base_lr,
+                "steps_per_epoch": steps_per_epoch,
+                "world_size": world_size,
+                "device": device.type,
+            }
+        )
 
     train_model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world_size > 1
     if cfg.model.compile:
         train_model = torch.compile(train_model)
-    eval_model = torch.compile(model) if cfg.model.compile else model  # unwrapped: ranks may differ in batches
+    eval_model = (
+        torch.compile(model) if cfg.model.compile else model
+    )  # unwrapped: ranks may differ in batches
     ema_eval = ema.module if ema is not None else None
 
     def on_log(metrics: dict[str, float], step: int) -> None:
@@ -158,36 +185,66 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.schedule.epochs):
         train_loader.set_epoch(epoch)
         train_metrics, global_step = train_one_epoch(
-            train_model, train_loader, optimizer, schedule, ema, model, s, global_step,
-            on_log=on_log if rank == 0 else None)
+            train_model,
+            train_loader,
+            optimizer,
+            schedule,
+            ema,
+            model,
+            s,
+            global_step,
+            on_log=on_log if rank == 0 else None,
+        )
         val = evaluate(eval_model, val_loader, s)
-        metrics = {"epoch": epoch + 1, "step": global_step, **train_metrics,
-                   "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
-                   "val_count": val["count"]}
+        metrics = {
+            "epoch": epoch + 1,
+            "step": global_step,
+            **train_metrics,
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
+            "val_loss": val["loss"],
+            "val_count": val["count"],
+        }
         if ema_eval is not None:
             val_ema = evaluate(ema_eval, val_loader, s)
-            metrics.update(val_ema_top1=val_ema["top1"], val_ema_top5=val_ema["top5"], val_ema_loss=val_ema["loss"])
+            metrics.update(
+                val_ema_top1=val_ema["top1"], val_ema_top5=val_ema["top5"], val_ema_loss=val_ema["loss"]
+            )
         rng_states = _gather_rng_states()
         last = epoch + 1 == cfg.schedule.epochs
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             ray_checkpoint = None
             if rank == 0:
-                save_checkpoint(tmp, {
-                    "model_spec": model_spec, "model": model.state_dict(),
-                    "ema": (ema.state_dict() if ema is not None else model.state_dict()),
-                    "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-                    "epoch": epoch + 1, "step": global_step, "config": cfg.to_dict(),
-                    "class_names": class_names, "metrics": metrics,
-                    "extra": {"rng": rng_states, "ema_updates": ema.num_updates if ema is not None else 0,
-                              "world_size": world_size},
-                })
+                save_checkpoint(
+                    tmp,
+                    {
+                        "model_spec": model_spec,
+                        "model": model.state_dict(),
+                        "ema": (ema.state_dict() if ema is not None else model.state_dict()),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": schedule.state_dict(),
+                        "epoch": epoch + 1,
+                        "step": global_step,
+                        "config": cfg.to_dict(),
+                        "class_names": class_names,
+                        "metrics": metrics,
+                        "extra": {
+                            "rng": rng_states,
+                            "ema_updates": ema.num_updates if ema is not None else 0,
+                            "world_size": world_size,
+                        },
+                    },
+                )
                 ray_checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-                print(f"[epoch {epoch + 1}/{cfg.schedule.epochs}] step {global_step} "
-                      f"loss {metrics['train_loss']:.4f} val top-1 {metrics['val_top1']:.4f} "
-                      f"ema top-1 {metrics.get('val_ema_top1', float('nan')):.4f} "
-                      f"{metrics['train_images_per_sec']:.1f} img/s "
-                      f"loader wait {metrics['train_loader_wait_frac']:.1%}", flush=True)
+                print(
+                    f"[epoch {epoch + 1}/{cfg.schedule.epochs}] step {global_step} "
+                    f"loss {metrics['train_loss']:.4f} val top-1 {metrics['val_top1']:.4f} "
+                    f"ema top-1 {metrics.get('val_ema_top1', float('nan')):.4f} "
+                    f"{metrics['train_images_per_sec']:.1f} img/s "
+                    f"loader wait {metrics['train_loader_wait_frac']:.1%}",
+                    flush=True,
+                )
                 if last:
                     if cfg.tracking.log_checkpoint:
                         tracker.log_artifacts(tmp, "checkpoint")
@@ -195,12 +252,60 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray_checkpoint)
 
 
+def newest_local_checkpoint(cfg: TrainConfig, newer_than_epoch: int) -> Path | None:
+    """The newest readable checkpoint under ``<storage_path>/<name>`` with a later epoch, if any.
+
+    Ray Train V2 registers a reported checkpoint only when its controller polls the worker (every 2 s);
+    a worker that dies right after ``report`` leaves a persisted checkpoint that ``get_checkpoint()``
+    does not return. Checkpoint folders are named by time, so the newest readable one wins. Local (or
+    NFS-mounted) storage paths only; with ``s3://`` storage Ray's own record is used.
+    """
+    from ops.checkpoint import CheckpointError, load_checkpoint
+
+    if "://" in cfg.checkpoint.storage_path:
+        return None
+    run_dir = Path(cfg.checkpoint.storage_path) / cfg.checkpoint.name
+    for candidate in sorted(run_dir.glob("checkpoint_*"), reverse=True):
+        try:
+            epoch = int(load_checkpoint(candidate)["epoch"])
+        except CheckpointError:  # partially copied when the worker died
+            continue
+        return candidate if epoch > newer_than_epoch else None
+    return None
+
+
+def load_resume_payload(cfg: TrainConfig, device: torch.device) -> tuple[dict | None, str | None]:
+    """The checkpoint to resume from: Ray's ``get_checkpoint()``, or a newer one persisted on storage
+    (chosen by rank 0 and broadcast, so every rank resumes from the same one)."""
+    import ray.train
+
+    from ops.checkpoint import load_checkpoint
+
+    payload, source = None, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            payload = load_checkpoint(ckpt_dir, map_location=device)
+        source = checkpoint.path
+    newer = [None]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        found = newest_local_checkpoint(cfg, int(payload["epoch"]) if payload else 0)
+        newer = [str(found) if found else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(newer, src=0)
+    if newer[0]:
+        payload, source = load_checkpoint(newer[0], map_location=device), newer[0]
+    return payload, source
+
+
 def resolve_use_gpu(setting: str) -> bool:
     import ray
 
     have = ray.cluster_resources().get("GPU", 0) > 0
     if setting == "on" and not have:
-        raise RuntimeError("scaling.use_gpu=on but the Ray cluster has no GPU; use scaling.use_gpu=auto or off")
+        raise RuntimeError(
+            "scaling.use_gpu=on but the Ray cluster has no GPU; use scaling.use_gpu=auto or off"
+        )
     return have if setting == "auto" else setting == "on"
 
 
@@ -216,8 +321,9 @@ def build_trainer(cfg: TrainConfig, run_id: str | None, tracking_uri: str):
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=cfg.checkpoint.name,
             storage_path=cfg.checkpoint.storage_path,
@@ -236,5 +342,10 @@ def fit_member(cfg: TrainConfig, index: int, run_id: str | None, tracking_uri: s
     for _, metrics in result.best_checkpoints or []:
         epochs.append(int(metrics.get("epoch", -1)))
     ckpt = result.checkpoint
-    return MemberResult(index=index, run_id=run_id, checkpoint_dir=str(Path(ckpt.path)) if ckpt else None,
-                        metrics=dict(result.metrics or {}), epochs_reported=tuple(epochs))
+    return MemberResult(
+        index=index,
+        run_id=run_id,
+        checkpoint_dir=str(Path(ckpt.path)) if ckpt else None,
+        metrics=dict(result.metrics or {}),
+        epochs_reported=tuple(epochs),
+    )

@@ -30,7 +30,7 @@ SPLITS = {"train": "train", "test": "val"}  # archive folder -> shard split
 
 
 def extract_subset(archive: Path, dest: Path, per_class: dict[str, int | None]) -> None:
-    """Extract ``<folder>/<class>/*.jpg`` keeping at most ``per_class[folder]`` files per class (None: all)."""
+    """Extract ``<folder>/<class>/*.jpg``, at most ``per_class[folder]`` files per class (None: all)."""
     seen: dict[tuple[str, str], int] = {}
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:
@@ -47,36 +47,60 @@ def extract_subset(archive: Path, dest: Path, per_class: dict[str, int | None]) 
             target.write_bytes(tar.extractfile(member).read())
 
 
-def build_cifar10_shards(data_dir: str | Path, out: str | Path, per_class_train: int | None = None,
-                         per_class_test: int | None = None, progress: bool = True) -> Path:
+def build_cifar10_shards(
+    data_dir: str | Path,
+    out: str | Path,
+    per_class_train: int | None = None,
+    per_class_test: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Shards of CIFAR-10 (``train`` and ``val`` splits) in ``out``; reused when the manifest has both."""
     from pipeline import load_manifest
     from pipeline.shards import build_shards
 
     out = Path(out)
+    want = {"train": 10 * (per_class_train or 5000), "val": 10 * (per_class_test or 1000)}
     try:
         manifest = load_manifest(out)
-        if {"train", "val"} <= set(manifest.splits):
-            return out
-    except Exception:  # no (complete) shard folder yet
-        pass
+    except Exception:  # no shard folder yet
+        manifest = None
+    if manifest is not None and set(want) <= set(manifest.splits):
+        have = {split: manifest.splits[split].num_samples for split in want}
+        if have != want:
+            raise ValueError(f"{out} holds {have} samples, not the requested {want}: use another --out")
+        return out
     archive = Path(data_dir) / ARCHIVE
     if not archive.is_file():
         raise FileNotFoundError(f"{archive} not found: pass --data-dir (or REAL_DATA_DIR) holding {ARCHIVE}")
     with tempfile.TemporaryDirectory(prefix="cifar10-") as tmp:
         extract_subset(archive, Path(tmp), {"train": per_class_train, "test": per_class_test})
         for folder, split in SPLITS.items():
-            build_shards(Path(tmp) / folder, out, split=split, format="imagefolder", shard_size=5000,
-                         seed=0, progress=progress)
+            build_shards(
+                Path(tmp) / folder,
+                out,
+                split=split,
+                format="imagefolder",
+                shard_size=5000,
+                seed=0,
+                progress=progress,
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ops.benchmarks.train_cifar10", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.benchmarks.train_cifar10", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--data-dir", default=os.environ.get("REAL_DATA_DIR"), help=f"folder with {ARCHIVE}")
-    parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "cifar10"), help="shards + checkpoints + MLflow")
-    parser.add_argument("--per-class-train", type=int, default=None, help="subset for smoke runs (default: all 5000)")
-    parser.add_argument("--per-class-test", type=int, default=None, help="subset for smoke runs (default: all 1000)")
+    parser.add_argument(
+        "--out", default=str(REPO_ROOT / "runs" / "cifar10"), help="shards + checkpoints + MLflow"
+    )
+    parser.add_argument(
+        "--per-class-train", type=int, default=None, help="subset for smoke runs (default: all 5000)"
+    )
+    parser.add_argument(
+        "--per-class-test", type=int, default=None, help="subset for smoke runs (default: all 1000)"
+    )
     parser.add_argument("--budget-min", type=float, default=15.0, help="training-time target in minutes")
     parser.add_argument("--target-top1", type=float, default=0.5)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/cifar10.yaml")
@@ -90,10 +114,14 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out).resolve()
     try:
-        shards = build_cifar10_shards(args.data_dir, out / "shards", args.per_class_train, args.per_class_test)
-        cfg = load_config(REPO_ROOT / "configs" / "cifar10.yaml",
-                          [f"data.shards={shards}", f"checkpoint.storage_path={out}", *args.overrides],
-                          root=str(REPO_ROOT))
+        shards = build_cifar10_shards(
+            args.data_dir, out / "shards", args.per_class_train, args.per_class_test
+        )
+        cfg = load_config(
+            REPO_ROOT / "configs" / "cifar10.yaml",
+            [f"data.shards={shards}", f"checkpoint.storage_path={out}", *args.overrides],
+            root=str(REPO_ROOT),
+        )
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -103,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     m = outcome.members[0].metrics
     summary = {
-        "val_top1": m.get("val_top1"), "val_ema_top1": m.get("val_ema_top1"), "val_top5": m.get("val_top5"),
-        "val_count": m.get("val_count"), "epochs": m.get("epoch"),
+        "val_top1": m.get("val_top1"),
+        "val_ema_top1": m.get("val_ema_top1"),
+        "val_top5": m.get("val_top5"),
+        "val_count": m.get("val_count"),
+        "epochs": m.get("epoch"),
         "train_images_per_sec": m.get("train_images_per_sec"),
         "train_loader_wait_frac": m.get("train_loader_wait_frac"),
-        "wall_time_min": wall / 60, "budget_min": args.budget_min,
-        "checkpoint": outcome.members[0].checkpoint_dir, "mlflow_run": outcome.members[0].run_id,
+        "wall_time_min": wall / 60,
+        "budget_min": args.budget_min,
+        "checkpoint": outcome.members[0].checkpoint_dir,
+        "mlflow_run": outcome.members[0].run_id,
         "tracking_uri": outcome.tracking_uri,
     }
     best = max(v for v in (summary["val_top1"], summary["val_ema_top1"]) if v is not None)

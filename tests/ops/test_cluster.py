@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import requests
@@ -40,6 +41,7 @@ def test_up_twice_status_down(tmp_path, capsys):
         assert f"ray    running {ray_info['dashboard_url']}" in out and f"mlflow running {ml['url']}" in out
     finally:
         stopped = cluster.down(state_dir)
+        shutil.rmtree(cluster._ray_temp_dir(state_dir.resolve()), ignore_errors=True)  # may sit in /tmp
     assert sorted(stopped) == ["mlflow", "ray"]
     assert not cluster.group_pids(ray_info["pgid"]) and not cluster.group_pids(ml["pgid"])
     assert not (state_dir / "cluster.json").exists() and cluster.status(state_dir) == {}

@@ -57,10 +57,10 @@ def independent_errors(members, images, labels, crops, counts) -> dict[tuple[int
     return out
 
 
-def assert_matches(table, expected, n):
+def assert_matches(table, expected, n, max_near_ties=MAX_NEAR_TIES):
     for cell in table.top1:
         want = expected[cell]
-        assert want.near_top1 <= MAX_NEAR_TIES and want.near_top5 <= MAX_NEAR_TIES, (
+        assert want.near_top1 <= max_near_ties and want.near_top5 <= max_near_ties, (
             f"{cell}: too many near-ties for a meaningful check"
         )
         assert abs(table.top1[cell] - want.top1) * n <= want.near_top1 + 1e-6, (cell, table.top1[cell], want)
@@ -178,3 +178,37 @@ def test_144_crops_match_independent_computation(checkpoints, synthetic_shards):
         progress=False,
     )
     assert_matches(table, want, 16)
+
+
+@pytest.mark.realdata
+def test_real_imagenet_images_match_independent_computation(tmp_path, real_data_dir):
+    """16 real ImageNet images (one per class, full size, via build-shards) through the DALI pipelines."""
+    import tarfile
+
+    from pipeline.shards import build_shards
+    from tests.ops.conftest import make_checkpoint
+
+    names = []
+    with tarfile.open(real_data_dir / "imagenet-sample-images.tar") as tar:
+        for member in tar:
+            if member.name.endswith(".JPEG") and len(names) < 16:
+                synset = member.name.split("/")[-1].split("_")[0]
+                (tmp_path / "src" / synset).mkdir(parents=True)
+                (tmp_path / "src" / synset / "0.jpg").write_bytes(tar.extractfile(member).read())
+                names.append(synset)
+    build_shards(
+        tmp_path / "src", tmp_path / "shards", split="val", format="imagefolder", shard_size=6, progress=False
+    )
+    images, labels = read_split(tmp_path / "shards")
+    calibration = preprocess_images(images, 1, DataConfig(**DATA))
+    classes = sorted(names)
+    checkpoints = [
+        make_checkpoint(tmp_path / f"m{i}", seed=i, class_names=classes, calibration=calibration)
+        for i in range(2)
+    ]
+    members = members_of(checkpoints)
+    want = independent_errors(members, images, labels, (1, 10), (1, 2))
+    table = evaluate_multicrop(members, str(tmp_path / "shards"), data=DATA, crops=(1, 10), progress=False)
+    assert table.num_samples == 16
+    # 16 classes crowd the top-5 boundary of these untrained members: up to 6 near-ties (measured 5)
+    assert_matches(table, want, 16, max_near_ties=6)

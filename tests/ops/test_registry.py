@@ -127,7 +127,7 @@ def test_predict_takes_uint8_arrays_and_raw_weights_are_not_exported(model, chec
 def test_bad_inputs_are_clear_errors(model):
     with pytest.raises(MlflowException, match="image"):
         model.predict(pd.DataFrame({"picture": [jpeg_bytes(synthetic_image(0, 0))]}))
-    with pytest.raises(MlflowException, match=r"images\[1\] is not a decodable image"):
+    with pytest.raises(MlflowException, match=r"row 1 of column 'image' is not a decodable image"):
         model.predict(pd.DataFrame({"image": [jpeg_bytes(synthetic_image(0, 0)), b"not a jpeg"]}))
 
 
@@ -192,3 +192,36 @@ def test_cli_promote_and_describe(reg, capsys):
     assert "has no version 99" in capsys.readouterr().err
     champion = registry.load_ensemble(f"models:/{NAME}@champion", tracking_uri=reg.uri)
     assert champion.class_names == list(CLASSES) and len(champion.members) == 2
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_registered_model_reproduces_version_figure(reg, synthetic_shards, capsys):
+    from ops.evaluate import main as evaluate_main
+
+    cwd = os.getcwd()
+    os.chdir(reg.root)
+    try:
+        rc = evaluate_main(
+            [
+                "--model",
+                f"models:/{NAME}@candidate",
+                "--shards",
+                str(synthetic_shards),
+                "--crops",
+                "10",
+                "--members",
+                "2",
+                "--tracking-uri",
+                reg.uri,
+                "--no-progress",
+            ]
+        )
+    finally:
+        os.chdir(cwd)
+    assert rc == 0
+    client = MlflowClient(tracking_uri=reg.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("inception-evaluate").experiment_id])
+    tags = client.get_model_version(NAME, "1").tags
+    # same members, crops, shards and loader as at registration: the same figure
+    assert run.data.metrics["top1_error_m2_c10"] == pytest.approx(float(tags["eval.top1_error"]), abs=1e-6)
+    assert run.data.metrics["top5_error_m2_c10"] == pytest.approx(float(tags["eval.top5_error"]), abs=1e-6)

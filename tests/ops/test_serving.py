@@ -61,7 +61,13 @@ def server(tmp_path_factory, checkpoints):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env=dict(os.environ, MLFLOW_TRACKING_URI=uri),
+        env=dict(
+            os.environ,
+            MLFLOW_TRACKING_URI=uri,
+            PATH=str(Path(sys.executable).parent)
+            + os.pathsep
+            + os.environ.get("PATH", ""),  # serve runs uvicorn
+        ),
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -117,7 +123,10 @@ def test_bad_requests_get_clear_4xx(server):
     url, _ = server
     not_jpeg = {"dataframe_split": {"columns": ["image"], "data": [[b64(b"GIF89a but not really an image")]]}}
     resp = requests.post(f"{url}/invocations", json=not_jpeg, timeout=60)
-    assert resp.status_code == 400 and "is not a decodable image" in resp.json()["message"]
+    assert (
+        resp.status_code == 400
+        and "row 0 of column 'image' is not a decodable image" in resp.json()["message"]
+    )
     wrong_column = {
         "dataframe_split": {"columns": ["picture"], "data": [[b64(jpeg_bytes(synthetic_image(0, 0)))]]}
     }

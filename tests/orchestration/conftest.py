@@ -8,6 +8,7 @@ import pytest
 
 TRAIN_PER_CLASS = 48  # 480 images: 7 steps/epoch at 2 workers x 32
 TEST_PER_CLASS = 20  # 200 images, chance top-1 = 10%
+LEARN_TRAIN_PER_CLASS = 200  # 2000 images: 31 steps/epoch, enough to beat chance in a few epochs
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +17,14 @@ def tiny_cifar_shards(real_data_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("cifar") / "shards"
     return build_cifar10_shards(real_data_dir, out, TRAIN_PER_CLASS, TEST_PER_CLASS, progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_cifar_shards(real_data_dir, tmp_path_factory):
+    from ops.benchmarks.train_cifar10 import build_cifar10_shards
+
+    out = tmp_path_factory.mktemp("cifar-small") / "shards"
+    return build_cifar10_shards(real_data_dir, out, LEARN_TRAIN_PER_CLASS, TEST_PER_CLASS, progress=False)
 
 
 @pytest.fixture(scope="module")

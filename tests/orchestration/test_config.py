@@ -26,22 +26,25 @@ def test_defaults_are_the_paper():
     assert cfg.data.batch_size == 32 and cfg.data.image_size == 299
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", r"^optim\.lrr: unknown key"),
-    ("optimizer.lr=1", r"^optimizer: unknown key"),
-    ("optim.lr=fast", r"^optim\.lr: expected a number, got 'fast'"),
-    ("optim.lr=-1", r"^optim\.lr: invalid value -1\.0"),
-    ("data.batch_size=0", r"^data\.batch_size: invalid value 0"),
-    ("data.batch_size=2.5", r"^data\.batch_size: expected an integer"),
-    ("data.crop_area=0.1", r"^data\.crop_area: expected a list of 2 values"),
-    ("model.compile=maybe", r"^model\.compile: expected true/false"),
-    ("ensemble.eval_crops=3", r"^ensemble\.eval_crops: invalid value 3"),
-    ("scaling.use_gpu=sometimes", r"^scaling\.use_gpu: invalid value 'sometimes'"),
-    ("debug.fail_at_step=3", r"^debug\.fail_marker: invalid value ''"),
-    ("seed=x", r"^seed: expected an integer"),
-    ("optim", r"expected section\.key=value"),
-    ("optim.lr.x=1", r"^optim\.lr: expected a number"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", r"^optim\.lrr: unknown key"),
+        ("optimizer.lr=1", r"^optimizer: unknown key"),
+        ("optim.lr=fast", r"^optim\.lr: expected a number, got 'fast'"),
+        ("optim.lr=-1", r"^optim\.lr: invalid value -1\.0"),
+        ("data.batch_size=0", r"^data\.batch_size: invalid value 0"),
+        ("data.batch_size=2.5", r"^data\.batch_size: expected an integer"),
+        ("data.crop_area=0.1", r"^data\.crop_area: expected a list of 2 values"),
+        ("model.compile=maybe", r"^model\.compile: expected true/false"),
+        ("ensemble.eval_crops=3", r"^ensemble\.eval_crops: invalid value 3"),
+        ("scaling.use_gpu=sometimes", r"^scaling\.use_gpu: invalid value 'sometimes'"),
+        ("debug.fail_at_step=3", r"^debug\.fail_marker: invalid value ''"),
+        ("seed=x", r"^seed: expected an integer"),
+        ("optim", r"expected section\.key=value"),
+        ("optim.lr.x=1", r"^optim\.lr: expected a number"),
+    ],
+)
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -51,9 +54,21 @@ def test_override_parsing_and_types():
     assert parse_override("optim.lr=0.1") == (["optim", "lr"], 0.1)
     assert parse_override("data.crop_area=0.25,1") == (["data", "crop_area"], [0.25, 1])
     assert parse_override("schedule.warmup_epochs=null") == (["schedule", "warmup_epochs"], None)
-    assert parse_override("tracking.uri=http://127.0.0.1:5000") == (["tracking", "uri"], "http://127.0.0.1:5000")
-    cfg = load_config(None, ["optim.lr=1", "data.crop_area=0.25,1", "model.compile=true", "seed=7",
-                             "schedule.warmup_epochs=2", "tracking.experiment=123"])
+    assert parse_override("tracking.uri=http://127.0.0.1:5000") == (
+        ["tracking", "uri"],
+        "http://127.0.0.1:5000",
+    )
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=1",
+            "data.crop_area=0.25,1",
+            "model.compile=true",
+            "seed=7",
+            "schedule.warmup_epochs=2",
+            "tracking.experiment=123",
+        ],
+    )
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.data.crop_area == (0.25, 1.0)
     assert cfg.model.compile is True and cfg.seed == 7 and cfg.schedule.warmup_epochs == 2.0
@@ -62,14 +77,23 @@ def test_override_parsing_and_types():
 
 
 def test_paths_resolved_against_root(tmp_path):
-    cfg = load_config(None, ["data.shards=shards", "tracking.uri=sqlite:///db/mlflow.db",
-                             "debug.fail_at_step=2", "debug.fail_marker=m/marker"], root=str(tmp_path))
+    cfg = load_config(
+        None,
+        [
+            "data.shards=shards",
+            "tracking.uri=sqlite:///db/mlflow.db",
+            "debug.fail_at_step=2",
+            "debug.fail_marker=m/marker",
+        ],
+        root=str(tmp_path),
+    )
     assert cfg.data.shards == str(tmp_path / "shards")
     assert cfg.checkpoint.storage_path == str(tmp_path / "runs")
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/db/mlflow.db"
     assert cfg.debug.fail_marker == str(tmp_path / "m/marker")
-    http = load_config(None, ["tracking.uri=http://127.0.0.1:5000", "checkpoint.storage_path=/abs/x"],
-                       root=str(tmp_path))
+    http = load_config(
+        None, ["tracking.uri=http://127.0.0.1:5000", "checkpoint.storage_path=/abs/x"], root=str(tmp_path)
+    )
     assert http.tracking.uri == "http://127.0.0.1:5000" and http.checkpoint.storage_path == "/abs/x"
 
 

@@ -39,7 +39,8 @@ def test_rmsprop_tf_three_steps_by_hand():
 
 def test_differs_from_torch_rmsprop_as_documented():
     # torch: ms starts at 0, eps outside the sqrt, lr outside the buffer.
-    # step 1: ms = .1*1 = 0.1; buf = 1/(sqrt(0.1) + 1) = 0.7597469266479578; p = 1 - .1*buf = 0.9240253073352042
+    # step 1: ms = .1*1 = 0.1; buf = 1/(sqrt(0.1) + 1) = 0.7597469266479578;
+    #         p = 1 - .1*buf = 0.9240253073352042
     torch_values, _ = _run(torch.optim.RMSprop, [1.0], lr=0.1, alpha=0.9, momentum=0.9, eps=1.0)
     assert torch_values[0] == pytest.approx(0.9240253073352042, abs=1e-12)
     tf_values, _ = _run(RMSpropTF, [1.0], lr=0.1, decay=0.9, momentum=0.9, eps=1.0)
@@ -79,7 +80,9 @@ def test_clip_gradients_global_norm():
     model = nn.Module()
     model.a, model.b = a, b
     assert clip_gradients(model, 2.0) == pytest.approx(5.0)
-    assert a.grad.tolist() == pytest.approx([1.2, 0.0], abs=1e-6) and b.grad.item() == pytest.approx(1.6, abs=1e-6)
+    assert a.grad.tolist() == pytest.approx([1.2, 0.0], abs=1e-6) and b.grad.item() == pytest.approx(
+        1.6, abs=1e-6
+    )
 
 
 def test_bad_hyperparameters_are_named():

@@ -18,44 +18,61 @@ pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 
 def _cfg(shards, tmp_path, *overrides):
-    return load_config(REPO / "configs" / "demo.yaml", [
-        f"data.shards={shards}", f"checkpoint.storage_path={tmp_path / 'runs'}",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "ensemble.members=1", "ensemble.register=false",
-        "debug.max_steps_per_epoch=0", "tracking.log_every_steps=3", *overrides], root=str(REPO))
+    return load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"data.shards={shards}",
+            f"checkpoint.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            "ensemble.members=1",
+            "ensemble.register=false",
+            "debug.max_steps_per_epoch=0",
+            "tracking.log_every_steps=3",
+            *overrides,
+        ],
+        root=str(REPO),
+    )
 
 
 def _epoch_steps(client, run_id, key="val_top1"):
     return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)]
 
 
-def test_two_workers_learn_and_track(ray_2cpu, tiny_cifar_shards, tmp_path):
+def test_two_workers_learn_and_track(ray_2cpu, small_cifar_shards, tmp_path):
     from mlflow import MlflowClient
 
-    cfg = _cfg(tiny_cifar_shards, tmp_path, "schedule.epochs=8", "checkpoint.name=learn")
+    shards = small_cifar_shards
+    cfg = _cfg(shards, tmp_path, "schedule.epochs=5", "checkpoint.name=learn", "tracking.log_every_steps=10")
     outcome = run_training(cfg, REPO)
     (member,) = outcome.members
     client = MlflowClient(outcome.tracking_uri)
     run_id = member.run_id
     losses = [m.value for m in sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)]
     top1 = [m.value for m in sorted(client.get_metric_history(run_id, "val_top1"), key=lambda m: m.step)]
-    assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, losses
-    assert max(top1[-3:]) > 0.2, top1  # chance is 0.1 on 200 test images (2 sigma ~ 0.04)
-    assert member.metrics["val_count"] == 200.0 and member.metrics["epoch"] == 8
-    assert member.metrics["step"] == 8 * 7  # 480 images / (2 workers x 32) = 7 full batches per epoch
+    assert len(losses) == 5 and losses[-1] < losses[0] - 0.3, losses
+    assert max(top1[-2:]) > 0.17, top1  # chance is 0.1 on 200 test images (3.5 sigma ~ 0.07)
+    assert member.metrics["val_count"] == 200.0 and member.metrics["epoch"] == 5
+    assert member.metrics["step"] == 5 * 31  # 2000 images / (2 workers x 32) = 31 full batches per epoch
 
     run = client.get_run(run_id)
-    assert run.data.params["optim.lr"] == "0.045" and run.data.params["data.shards"] == str(tiny_cifar_shards)
+    assert run.data.params["optim.lr"] == "0.045" and run.data.params["data.shards"] == str(shards)
     assert run.data.params["scaling.num_workers"] == "2" and run.data.params["ensemble.members"] == "1"
     tags = run.data.tags
-    assert tags["shards_manifest_sha256"] == manifest_sha256(tiny_cifar_shards)
-    assert len(tags["ray_job_id"]) > 0 and tags["global_batch"] == "64" and tags["steps_per_epoch"] == "7"
+    assert tags["shards_manifest_sha256"] == manifest_sha256(shards)
+    assert len(tags["ray_job_id"]) > 0 and tags["global_batch"] == "64" and tags["steps_per_epoch"] == "31"
     assert "git_commit" in tags or not (REPO / ".git").exists()
-    for key in ("train/loss", "train/lr", "train/images_per_sec", "train/loader_wait_frac", "train/step_time_s",
-                "train/peak_memory_mib"):
-        assert len(client.get_metric_history(run_id, key)) == 8 * 7 // 3, key
-    assert _epoch_steps(client, run_id) == list(range(1, 9))
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/images_per_sec",
+        "train/loader_wait_frac",
+        "train/step_time_s",
+        "train/peak_memory_mib",
+    ):
+        assert len(client.get_metric_history(run_id, key)) == 5 * 31 // 10, key
+    assert _epoch_steps(client, run_id) == list(range(1, 6))
     for key in ("val_ema_top1", "val_top5", "train_images_per_sec", "train_loader_wait_frac", "lr"):
-        assert len(client.get_metric_history(run_id, key)) == 8, key
+        assert len(client.get_metric_history(run_id, key)) == 5, key
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config", "class_names.txt", "training_curves.png", "checkpoint"} <= artifacts
     assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
@@ -63,12 +80,15 @@ def test_two_workers_learn_and_track(ray_2cpu, tiny_cifar_shards, tmp_path):
     assert names[:3] == ["airplane", "automobile", "bird"] and len(names) == 10
 
     payload = load_checkpoint(member.checkpoint_dir)
-    assert (payload["epoch"], payload["step"]) == (8, 56)
-    assert payload["config"]["data"]["shards"] == str(tiny_cifar_shards)
-    assert payload["model_spec"] == {"name": "inception_v3", "num_classes": 10,
-                                     "options": {"aux_logits": True, "width_mult": 0.25}}
+    assert (payload["epoch"], payload["step"]) == (5, 155)
+    assert payload["config"]["data"]["shards"] == str(shards)
+    assert payload["model_spec"] == {
+        "name": "inception_v3",
+        "num_classes": 10,
+        "options": {"aux_logits": True, "width_mult": 0.25},
+    }
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in payload["model"])
-    assert payload["extra"]["ema_updates"] == 56 and len(payload["extra"]["rng"]) == 2
+    assert payload["extra"]["ema_updates"] == 155 and len(payload["extra"]["rng"]) == 2
 
 
 def test_killed_worker_resumes_exactly(ray_2cpu, tiny_cifar_shards, tmp_path):
@@ -78,9 +98,19 @@ def test_killed_worker_resumes_exactly(ray_2cpu, tiny_cifar_shards, tmp_path):
 
     marker = tmp_path / "failed.marker"
     common = ("schedule.epochs=3", "tracking.log_every_steps=100")
-    broken = run_training(_cfg(tiny_cifar_shards, tmp_path, *common, "checkpoint.name=broken",
-                               "debug.fail_at_step=10", f"debug.fail_marker={marker}",
-                               "debug.fail_mode=kill", "checkpoint.max_failures=1"), REPO)
+    broken = run_training(
+        _cfg(
+            tiny_cifar_shards,
+            tmp_path,
+            *common,
+            "checkpoint.name=broken",
+            "debug.fail_at_step=10",
+            f"debug.fail_marker={marker}",
+            "debug.fail_mode=kill",
+            "checkpoint.max_failures=1",
+        ),
+        REPO,
+    )
     assert marker.read_text() == "failed at step 10\n"  # it did die (7 steps/epoch: mid-epoch 2)
     clean = run_training(_cfg(tiny_cifar_shards, tmp_path, *common, "checkpoint.name=clean"), REPO)
 
@@ -99,11 +129,24 @@ def test_killed_worker_resumes_exactly(ray_2cpu, tiny_cifar_shards, tmp_path):
 
 
 def test_ensemble_members_children_and_registration(ray_2cpu, tiny_cifar_shards, tmp_path):
+    """Two 1-worker members fit the 2-CPU cluster together, so they train concurrently."""
     from mlflow import MlflowClient
 
-    cfg = _cfg(tiny_cifar_shards, tmp_path, "schedule.epochs=1", "debug.max_steps_per_epoch=2",
-               "ensemble.members=2", "ensemble.register=true", "ensemble.model_name=tiny-ens",
-               "checkpoint.name=ens", "seed=5")
+    from orchestration.ensemble import member_slots
+
+    cfg = _cfg(
+        tiny_cifar_shards,
+        tmp_path,
+        "schedule.epochs=1",
+        "debug.max_steps_per_epoch=2",
+        "ensemble.members=2",
+        "ensemble.register=true",
+        "ensemble.model_name=tiny-ens",
+        "checkpoint.name=ens",
+        "seed=5",
+        "scaling.num_workers=1",
+    )
+    assert member_slots(cfg) == 2
     outcome = run_training(cfg, REPO)
     client = MlflowClient(outcome.tracking_uri)
     assert outcome.parent_run_id and len(outcome.members) == 2
@@ -120,4 +163,4 @@ def test_ensemble_members_children_and_registration(ray_2cpu, tiny_cifar_shards,
     assert version is not None and version.name == "tiny-ens"
     assert client.get_model_version("tiny-ens", version.version).tags["members"] == "2"
     assert outcome.promotion is not None and outcome.promotion.promoted
-    assert client.get_run(outcome.parent_run_id).data.tags["registered_version"] == version.version
+    assert client.get_run(outcome.parent_run_id).data.tags["registered_version"] == str(version.version)
