@@ -99,6 +99,9 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         from pipeline.config import DataConfig
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Subnormal activations make CPU convolutions ~15x slower (measured: 61 vs 911 crops/s for the
+        # demo member); flushing them to zero changes no prediction.
+        torch.set_flush_denormal(True)
         self.class_names = list(config["class_names"])
         self.crops = int(config["crops"])
         data = config["data"]

@@ -30,8 +30,15 @@ from tqdm import tqdm
 PAPER_CROPS = (1, 10, 144)  # paper §8 / Tables 4-5: single crop, 10 crops, 144 crops
 # Crops per forward pass. Inception-v3's largest activation at 299 px is 64 x 147 x 147 float32 =
 # 5.5 MB per crop, so 1024 crops (7 images at 144 crops) need ~6 GB per such tensor: fine on a GPU;
-# on a CPU machine (DESIGN.md: 24 GiB shared) 256 crops keep the peak near 1.5 GB.
+# on a CPU machine (DESIGN.md: 24 GiB shared) 256 crops keep the peak near 1.5 GB. Activations scale
+# with the crop's area, so smaller inputs (the 75 px demo) get proportionally more crops per pass.
 MAX_CROPS_PER_BATCH = {"cuda": 1024, "cpu": 256}
+REFERENCE_SIZE = 299
+
+
+def crops_per_batch(device_type: str, image_size: int) -> int:
+    base = MAX_CROPS_PER_BATCH.get(device_type, MAX_CROPS_PER_BATCH["cpu"])
+    return max(1, base * (REFERENCE_SIZE * REFERENCE_SIZE) // (image_size * image_size))
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ def evaluate_multicrop(
 
     ``data`` gives the preprocessing (a DataConfig or a dict with image_size, val_resize,
     normalization); ``batch_size`` is images per batch, lowered for many crops so that a batch
-    holds at most MAX_CROPS_PER_BATCH[device] crops.
+    holds at most crops_per_batch(device, image_size) crops.
     """
     from pipeline import make_multicrop_loader
 
@@ -129,10 +136,12 @@ def evaluate_multicrop(
     if bad:
         raise ValueError(f"crops {bad} are not supported: use {', '.join(map(str, PAPER_CROPS))}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.set_flush_denormal(True)  # subnormals slow CPU convolutions ~15x (see ops.ensemble_model)
     members = [m.to(device).eval() for m in members]
     top1, top5, num_samples = {}, {}, None
     for c in crops:
-        images_per_batch = max(1, min(batch_size, MAX_CROPS_PER_BATCH.get(device.type, 256) // c))
+        cfg = _data_config(data, shards, 1, backend)
+        images_per_batch = max(1, min(batch_size, crops_per_batch(device.type, cfg.image_size) // c))
         cfg = _data_config(data, shards, images_per_batch, backend)
         loader = make_multicrop_loader(cfg, split, c, 0, 1, device)
         hits1, hits5, seen = dict.fromkeys(member_counts, 0), dict.fromkeys(member_counts, 0), 0
