@@ -15,7 +15,6 @@ run's latest checkpoint.
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +49,10 @@ def common_tags(cfg: TrainConfig, repo_root: str | Path) -> dict[str, str | None
     except OSError:
         shards_hash = None
     return {
-        "git_commit": git_commit(repo_root),
+        "git_commit": git_commit(repo_root) or git_commit(Path(__file__).resolve().parents[1]),
         "shards_manifest_sha256": shards_hash,
         "shards": cfg.data.shards,
         "ray_job_id": ray.get_runtime_context().get_job_id(),
-        "ray_job_submission_id": os.environ.get("RAY_JOB_SUBMISSION_ID"),
         "model": cfg.model.name,
         "ensemble.members": str(cfg.ensemble.members),
     }

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
         load_manifest(cfg.data.shards)  # fail fast, before Ray starts, on a missing shard folder
         init_ray(args.address, args.num_cpus)
-        outcome = run_training(cfg, REPO_ROOT)
+        # --root is the user's checkout under `ray job submit` (the job runs in a copy without .git)
+        outcome = run_training(cfg, args.root or REPO_ROOT)
     except (ShardFormatError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     for m in outcome.members:
-        top1 = m.metrics.get("val_ema_top1", m.metrics.get("val_top1"))
+        top1 = m.metrics.get("val_ema_top1", m.metrics.get("val_top1", float("nan")))
         print(
             f"member {m.index}: epochs {m.metrics.get('epoch')} val top-1 (EMA) {top1:.4f} "
             f"checkpoint {m.checkpoint_dir} mlflow run {m.run_id}"

@@ -144,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         "mlflow_run": outcome.members[0].run_id,
         "tracking_uri": outcome.tracking_uri,
     }
+    if outcome.members[0].run_id:  # time spent in training epochs proper (no start-up, eval, checkpoints)
+        from mlflow import MlflowClient
+
+        history = MlflowClient(outcome.tracking_uri).get_metric_history(
+            outcome.members[0].run_id, "train_epoch_time_s"
+        )
+        summary["train_time_min"] = sum(h.value for h in history) / 60
     best = max(v for v in (summary["val_top1"], summary["val_ema_top1"]) if v is not None)
     summary["passed"] = bool(best >= args.target_top1 and wall / 60 <= args.budget_min)
     print(json.dumps(summary))

@@ -164,3 +164,17 @@ def test_ensemble_members_children_and_registration(ray_2cpu, tiny_cifar_shards,
     assert client.get_model_version("tiny-ens", version.version).tags["members"] == "2"
     assert outcome.promotion is not None and outcome.promotion.promoted
     assert client.get_run(outcome.parent_run_id).data.tags["registered_version"] == str(version.version)
+
+
+def test_new_job_on_same_run_continues(ray_2cpu, tiny_cifar_shards, tmp_path):
+    """A second job with the same storage path and name resumes the finished epochs and the MLflow run."""
+    from mlflow import MlflowClient
+
+    common = ("debug.max_steps_per_epoch=2", "checkpoint.name=again")
+    first = run_training(_cfg(tiny_cifar_shards, tmp_path, *common, "schedule.epochs=1"), REPO)
+    second = run_training(_cfg(tiny_cifar_shards, tmp_path, *common, "schedule.epochs=2"), REPO)
+    (a,), (b,) = first.members, second.members
+    assert a.run_id == b.run_id  # the same MLflow run continues
+    assert _epoch_steps(MlflowClient(second.tracking_uri), b.run_id) == [1, 2]
+    payload = load_checkpoint(b.checkpoint_dir)
+    assert (payload["epoch"], payload["step"]) == (2, 4)  # epoch 1 was not trained again
