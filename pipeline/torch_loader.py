@@ -24,6 +24,7 @@ How close the crops are to DALI's ``decoders.image_random_crop`` + ``resize``:
 
 from __future__ import annotations
 
+import gc
 import io
 import math
 import random
@@ -166,6 +167,10 @@ class TorchLoader:
         self.dataset.epoch = int(epoch)
 
     def __iter__(self):
+        # Workers are forked. A DALI pipeline left as cyclic garbage in this process would be
+        # collected inside a forked worker, where its threads do not exist, and its shutdown
+        # deadlocks the worker (seen with DALI and torch loaders in one process): collect it here.
+        gc.collect()
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
