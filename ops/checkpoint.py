@@ -27,7 +27,6 @@ import torch
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "model_spec", "model", "ema", "epoch", "step", "config", "class_names")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class CheckpointError(RuntimeError):
@@ -35,17 +34,13 @@ class CheckpointError(RuntimeError):
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip DDP / torch.compile wrapper prefixes so checkpoints hold the bare model's keys."""
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key] = value.detach().cpu() if isinstance(value, torch.Tensor) else value
-    return out
+    """Strip DDP / torch.compile wrapper prefixes and move tensors to CPU: the bare model's keys."""
+    from models.weights import strip_wrapper_prefixes
+
+    return {
+        key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
+        for key, value in strip_wrapper_prefixes(state).items()
+    }
 
 
 def save_checkpoint(directory: str | Path, payload: dict[str, Any]) -> Path:
@@ -90,7 +85,7 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
 
 
 def model_from_checkpoint(payload: dict[str, Any], weights: str = "ema") -> torch.nn.Module:
-    """Rebuild the network of a checkpoint with its ``ema`` (default) or raw ``model`` weights, in eval mode."""
+    """Rebuild the network of a checkpoint with its ``ema`` (default) or raw ``model`` weights (eval mode)."""
     import models
 
     if weights not in ("ema", "model"):
