@@ -55,7 +55,7 @@ def test_two_workers_learn_and_track(ray_2cpu, small_cifar_shards, tmp_path):
     assert member.metrics["step"] == 5 * 31  # 2000 images / (2 workers x 32) = 31 full batches per epoch
 
     run = client.get_run(run_id)
-    assert run.data.params["optim.lr"] == "0.045" and run.data.params["data.shards"] == str(shards)
+    assert run.data.params["optim.lr"] == str(cfg.optim.lr) and run.data.params["data.shards"] == str(shards)
     assert run.data.params["scaling.num_workers"] == "2" and run.data.params["ensemble.members"] == "1"
     tags = run.data.tags
     assert tags["shards_manifest_sha256"] == manifest_sha256(shards)
