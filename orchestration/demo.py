@@ -19,7 +19,10 @@ Steps, each announced with its progress:
 5. Where to look (MLflow UI, Ray dashboard, shards, model URI); the servers are stopped unless
    ``--keep-running`` (then ``python -m ops.cluster down --state-dir <workdir>/cluster`` stops them).
 
-Extra ``section.key=value`` arguments override ``configs/demo.yaml`` (e.g. ``schedule.epochs=1``).
+Every invocation trains under a new run name (``checkpoint.name=demo-<date>-<time>``), so running
+the demo again trains new members and registers a new version; ``champion`` moves only through the
+promotion gate. Extra ``section.key=value`` arguments override ``configs/demo.yaml`` (e.g.
+``schedule.epochs=1``).
 """
 
 from __future__ import annotations
@@ -116,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     from orchestration.config import ConfigError, load_config
 
     workdir = (REPO_ROOT / args.workdir).resolve()  # an absolute --workdir stays as it is
-    overrides = [f"data.shards={workdir / 'shards'}", f"checkpoint.storage_path={workdir}", *args.overrides]
+    # A fresh run name per invocation: a rerun trains new members and registers a new version (the
+    # promotion gate decides about champion) instead of resuming the finished run of the last demo.
+    run_name = f"checkpoint.name=demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides = [f"data.shards={workdir / 'shards'}", f"checkpoint.storage_path={workdir}", run_name,
+                 *args.overrides]
     try:
         cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", overrides, root=str(REPO_ROOT))
     except ConfigError as exc:
