@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ from pipeline.dali_pipelines import (
     multicrop_pipeline,
     train_pipeline,
 )
-from pipeline.loader import CorruptSampleError, SplitSource, epoch_seed
+from pipeline.loader import SplitSource, epoch_seed, handle_corrupt_sample
 from pipeline.multicrop import crop_plan, mirror_dim, unmirrored
 
 PIPELINES = {"train": train_pipeline, "eval": eval_pipeline, "multicrop": multicrop_pipeline}
@@ -200,12 +199,7 @@ class DaliLoader:
             ) from None
         tar_index, key = bad
         tar = self.source.tars[tar_index]
-        if not self.cfg.skip_corrupt:
-            raise CorruptSampleError(
-                f"corrupt sample {key!r} in shard {tar}: {what}. Rebuild the shards (`verify-shards --deep` "
-                "lists bad samples) or set data.skip_corrupt=true to skip such samples"
-            ) from None
-        warnings.warn(f"skipping corrupt sample {key!r} in shard {tar} ({what})", stacklevel=2)
+        handle_corrupt_sample(key, tar, what, self.cfg.skip_corrupt)
         self._excluded.add(bad)
         self._write_filtered_indices()
 

@@ -21,6 +21,7 @@ Epoch contract (both backends):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -49,6 +50,16 @@ class Loader(Protocol):
 
 class CorruptSampleError(RuntimeError):
     """A sample could not be decoded at read time; the message names the shard and the key."""
+
+
+def handle_corrupt_sample(key: str, tar: str, reason: object, skip: bool) -> None:
+    """Both backends' policy for an undecodable sample: raise naming it, or warn when ``skip``."""
+    if not skip:
+        raise CorruptSampleError(
+            f"corrupt sample {key!r} in shard {tar}: {reason}. Rebuild the shards (`verify-shards --deep` "
+            "lists bad samples) or set data.skip_corrupt=true to skip such samples"
+        ) from None  # the DALI/Pillow stack trace is not the user's business
+    warnings.warn(f"skipping corrupt sample {key!r} in shard {tar} ({reason})", stacklevel=3)
 
 
 @dataclass(frozen=True)

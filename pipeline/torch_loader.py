@@ -28,7 +28,6 @@ import gc
 import io
 import math
 import random
-import warnings
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.config import DataConfig
-from pipeline.loader import CorruptSampleError, SplitSource, epoch_seed
+from pipeline.loader import SplitSource, epoch_seed, handle_corrupt_sample
 from pipeline.multicrop import apply_plan, crop_plan, normalize
 from pipeline.schema import IMAGE_EXT, LABEL_EXT, decode_lbl
 
@@ -134,12 +133,7 @@ class ShardRangeDataset(IterableDataset):
                 image = self._transform(rng, sample[IMAGE_EXT])
                 label = decode_lbl(sample[LABEL_EXT])
             except (OSError, ValueError, KeyError, SyntaxError) as exc:
-                if not self.cfg.skip_corrupt:
-                    raise CorruptSampleError(
-                        f"corrupt sample {key!r} in shard {tar}: {exc}. Rebuild the shards "
-                        "(`verify-shards --deep` lists bad samples) or set data.skip_corrupt=true"
-                    ) from None
-                warnings.warn(f"skipping corrupt sample {key!r} in shard {tar} ({exc})", stacklevel=2)
+                handle_corrupt_sample(key, tar, exc, self.cfg.skip_corrupt)
                 owed += self.mode == "train"
                 continue
             yield torch.from_numpy(image), label
