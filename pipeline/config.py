@@ -12,6 +12,16 @@ INCEPTION_MEAN = (127.5, 127.5, 127.5)
 INCEPTION_STD = (127.5, 127.5, 127.5)
 
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "inception": (INCEPTION_MEAN, INCEPTION_STD)}
+LAYOUTS = ("auto", "NCHW", "NHWC")
+
+
+def resolve_layout(layout: str, device_type: str) -> str:
+    """``data.layout`` for a device: "auto" is NHWC (channels-last memory) on CUDA, NCHW on CPU."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"data.layout: invalid value {layout!r}")
+    if layout == "auto":
+        return "NHWC" if device_type == "cuda" else "NCHW"
+    return layout
 
 
 @dataclass(frozen=True)
@@ -26,8 +36,11 @@ class DataConfig:
     crop_area: tuple[float, float] = (0.08, 1.0)  # GoogLeNet/Inception random-sized crop (area fraction)
     crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of that crop
     normalization: str = "imagenet"  # "imagenet" mean/std | "inception" ([-1, 1], TF-trained weights)
-    layout: str = "NCHW"  # "NCHW" | "NHWC"
-    dtype: str = "float32"  # "float32" | "float16"
+    # Memory order of the [B, 3, S, S] batches: "NHWC" hands over channels-last memory (DALI writes HWC;
+    # the batch is an NCHW-shaped view of it, what channels_last convolutions read without a copy),
+    # "NCHW" contiguous memory; "auto": NHWC on CUDA, NCHW on CPU.
+    layout: str = "auto"
+    dtype: str = "float32"  # "float32" | "float16" (half the bytes; the loop casts up when AMP is off)
     num_threads: int = 2  # DALI CPU threads / DataLoader workers per rank
     prefetch: int = 2  # batches prepared ahead (DALI prefetch_queue_depth)
     shuffle_buffer: int = 2048  # DALI initial_fill / webdataset shuffle buffer (shards are pre-shuffled)
@@ -38,7 +51,7 @@ class DataConfig:
         checks = {
             "backend": self.backend in ("dali", "torch"),
             "normalization": self.normalization in NORMALIZATIONS,
-            "layout": self.layout in ("NCHW", "NHWC"),
+            "layout": self.layout in LAYOUTS,
             "dtype": self.dtype in ("float32", "float16"),
             "batch_size": self.batch_size >= 1,
             "image_size": self.image_size >= 75,

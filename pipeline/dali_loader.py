@@ -1,17 +1,24 @@
-"""The DALI backend of ``make_loader``: builds the pipeline of an epoch, iterates it through
+"""The DALI backend of ``make_loader``: builds the pipelines, iterates them through
 ``DALIGenericIterator`` (named reader + explicit last-batch policy), trims the epoch to the
 length announced up front, and turns DALI failures into errors that name the shard and key.
 
 Library module, no CLI. Imports DALI at import time (``pipeline.loader`` imports it lazily).
 
-Epochs: the pipeline is rebuilt at every ``__iter__`` with seed ``f(cfg.seed, epoch, rank)``
-(building takes milliseconds; the reader then fills its shuffle buffer, which a pipeline kept
-alive would also do at each epoch start), so an epoch's shuffle order and crops are reproducible
-on resume and the reader always starts at the beginning of its shard.
-- train: ``LastBatchPolicy.DROP``; we stop after ``(N // W) // B`` batches (identical on every rank).
-- eval / multi-crop: ``pad_last_batch=True`` + ``LastBatchPolicy.PARTIAL``: DALI pads the shard's
-  tail with copies of its last sample and the iterator drops them, so each rank yields exactly
-  its ``[N*r//W, N*(r+1)//W)`` range; we check the count.
+Pipelines and epochs:
+- train: one pipeline per epoch, built at ``__iter__`` with seed ``f(cfg.seed, epoch, rank)`` on the
+  epoch's DALI shard, so an epoch's shuffle order and crops are reproducible on resume and the
+  reader starts at the beginning of its shard. ``LastBatchPolicy.DROP``; we stop after
+  ``(N // W) // B`` batches (identical on every rank). The build costs milliseconds on CPU plus,
+  with "mixed" decoding, nvJPEG's pre-sized buffers once per epoch (``make gpu-check`` reports it).
+- eval / multi-crop: one pipeline for the loader's lifetime (the order is fixed and the transform
+  deterministic): each pass resets it, so validating raw and EMA weights every epoch costs no
+  rebuilds. ``pad_last_batch=True`` + ``stick_to_shard`` + ``LastBatchPolicy.PARTIAL``: DALI pads
+  the shard's tail with copies of its last sample and the iterator drops them, so each rank yields
+  exactly its ``[N*r//W, N*(r+1)//W)`` range; we check the count. A pass abandoned half-way (smoke
+  runs) cannot be reset, so the next pass builds afresh.
+
+Batches are ``[B, 3, S, S]``; with layout NHWC (the default on CUDA) DALI writes HWC and the batch is
+the permuted view of that memory, channels-last as the GPU convolutions want it, without a copy.
 
 Corrupt samples: a failed batch kills a DALI pipeline with an operator stack trace that does not
 say which sample. We then replay this rank's shard in order, decode only, one sample per run, to
@@ -32,7 +39,7 @@ import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from tqdm import tqdm
 
-from pipeline.config import NORMALIZATIONS, DataConfig
+from pipeline.config import NORMALIZATIONS, DataConfig, resolve_layout
 from pipeline.dali_pipelines import (
     READER_NAME,
     PipelineSpec,
@@ -42,7 +49,7 @@ from pipeline.dali_pipelines import (
     train_pipeline,
 )
 from pipeline.loader import SplitSource, epoch_seed, handle_corrupt_sample
-from pipeline.multicrop import crop_plan, mirror_dim, unmirrored
+from pipeline.multicrop import crop_plan, unmirrored
 
 PIPELINES = {"train": train_pipeline, "eval": eval_pipeline, "multicrop": multicrop_pipeline}
 
@@ -92,6 +99,9 @@ class DaliLoader:
         self._indices = source.indices  # replaced by filtered copies once a sample is skipped
         self._excluded: set[tuple[int, str]] = set()
         self._index_dir: str | None = None
+        self.layout = resolve_layout(cfg.layout, device.type)
+        self.builds = 0  # pipelines built so far (train: one per epoch; eval: one per loader)
+        self._kept = None  # eval / multi-crop: (pipeline, iterator) of the last completed pass
 
     def __len__(self) -> int:
         return self._len
@@ -113,14 +123,14 @@ class DaliLoader:
             crop_aspect=tuple(self.cfg.crop_aspect),
             mean=tuple(mean),
             std=tuple(std),
-            layout=self.cfg.layout,
+            layout=self.layout,
             half=self.cfg.dtype == "float16",
             shuffle_buffer=self.cfg.shuffle_buffer,
             windows=unmirrored(self.plan),
         )
 
     def _build(self, epoch: int):
-        """The epoch's pipeline (graph errors raise here) and its iterator, not yet started."""
+        """The epoch's pipeline (graph errors raise here), not yet started."""
         pipe = PIPELINES[self.mode](
             spec=self.spec(self.source.shard_of(epoch)),
             batch_size=self.batch_size,
@@ -130,27 +140,43 @@ class DaliLoader:
             prefetch_queue_depth=self.cfg.prefetch,
         )
         pipe.build()
+        self.builds += 1
         return pipe
 
-    def _iterate(self, pipe):
+    def _start(self, epoch: int):
+        """``(pipeline, iterator)`` for a pass: the kept eval pipeline reset, or a new one."""
+        if self._kept is not None:
+            pipe, batches = self._kept
+            self._kept = None
+            batches.reset()
+            return pipe, batches
+        pipe = self._build(epoch)
         policy = LastBatchPolicy.DROP if self.mode == "train" else LastBatchPolicy.PARTIAL
         # the iterator runs the pipeline on construction (first batches): inside the caller's try
-        yield from DALIGenericIterator(
+        batches = DALIGenericIterator(
             pipe, ["images", "labels"], reader_name=READER_NAME, last_batch_policy=policy, auto_reset=False
         )
+        return pipe, batches
 
     def __iter__(self):
         epoch, done, samples = self.epoch, 0, 0
         restart = True
         while restart and done < self._len:
-            restart, seen = False, 0
-            pipe = self._build(epoch)
-            batches = self._iterate(pipe)
+            restart, seen, ended = False, 0, False
             try:
-                while done < self._len:
+                pipe, batches = self._start(epoch)
+            except RuntimeError as exc:  # the first batches already failed
+                self._handle_failure(exc, epoch)  # raises unless cfg.skip_corrupt
+                restart = True
+                continue
+            try:
+                while True:
+                    if done == self._len and self.mode == "train":
+                        break  # DROP: a rank's shard may hold one more batch than the common length
                     try:
                         out = next(batches)
                     except StopIteration:
+                        ended = True
                         break
                     except RuntimeError as exc:  # a batch failed: name the sample (or skip it)
                         self._handle_failure(exc, epoch)  # raises unless cfg.skip_corrupt
@@ -159,12 +185,15 @@ class DaliLoader:
                     seen += 1
                     if seen <= done:
                         continue  # fast-forward a rebuilt pipeline past batches already yielded
-                    done += 1
                     images, labels = self._convert(out[0])
+                    if labels.shape[0] == 0:
+                        continue  # PARTIAL: ranks with a shorter shard end on an empty batch
+                    done += 1
                     samples += labels.shape[0]
                     yield images, labels
             finally:
-                batches.close()
+                if ended and self.mode != "train" and not restart:
+                    self._kept = (pipe, batches)  # a complete eval pass: reset it next time
                 del batches, pipe
         if self._excluded:
             return  # skipped samples: an eval rank may yield fewer, a train epoch ends early at worst
@@ -180,11 +209,14 @@ class DaliLoader:
     def _convert(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images = out["images"].to(self.device, non_blocking=True)
         labels = out["labels"].reshape(-1).to(self.device, non_blocking=True).long()
+        nhwc = self.layout == "NHWC"
         if self.mode == "multicrop":  # [B, K/2, ...] unmirrored windows -> [B*K, ...] with mirrors
             b = images.shape[0]
-            flipped = images.flip(mirror_dim(self.cfg) + 1)
+            flipped = images.flip(3 if nhwc else 4)  # the width axis of [B, K/2, H, W, C] / [B, K/2, C, H, W]
             both = images if self.crops == 1 else torch.stack((images, flipped), dim=2)
             images = both.reshape(b * self.crops, *images.shape[2:])
+        if nhwc:  # [B, S, S, 3] -> [B, 3, S, S]: a view, channels-last in memory
+            images = images.permute(0, 3, 1, 2)
         return images, labels
 
     # --- corrupt samples -------------------------------------------------------------------------
@@ -201,6 +233,7 @@ class DaliLoader:
         tar = self.source.tars[tar_index]
         handle_corrupt_sample(key, tar, what, self.cfg.skip_corrupt)
         self._excluded.add(bad)
+        self._kept = None  # the kept eval pipeline reads the old index files
         self._write_filtered_indices()
 
     def find_corrupt(self, shard_id: int) -> tuple[int, str] | None:

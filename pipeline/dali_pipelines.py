@@ -25,6 +25,10 @@ READER_NAME = "Reader"  # tied to DALIGenericIterator(reader_name=...)
 # to the A100/H100 hardware decoder (0.65 is DALI's documented default for decoders.image*).
 DEVICE_MEMORY_PADDING = 211025920
 HOST_MEMORY_PADDING = 140544512
+# Same example: the hardware decoder's buffers sized for ImageNet's largest image (5980 x 6430), so
+# that it never reallocates mid-epoch.
+PREALLOCATE_WIDTH_HINT = 5980
+PREALLOCATE_HEIGHT_HINT = 6430
 HW_DECODER_LOAD = 0.65
 NUM_CROP_ATTEMPTS = 10  # DALI's default for image_random_crop; the torch backend uses the same count
 
@@ -44,14 +48,18 @@ class PipelineSpec:
     crop_aspect: tuple[float, float]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    layout: str  # "NCHW" | "NHWC"
+    layout: str  # "NCHW" | "NHWC" (resolved: never "auto")
     half: bool  # float16 output instead of float32
     shuffle_buffer: int
     windows: tuple[CropWindow, ...] = ()  # multi-crop windows to cut (mirrors are added by the loader)
 
 
 def read_samples(spec: PipelineSpec, train: bool):
-    """``(jpeg bytes, int32 label)``; eval pads its shard's tail so the iterator can trim exactly."""
+    """``(jpeg bytes, int32 label)``; eval pads its shard's tail so the iterator can trim exactly.
+
+    Eval sticks to its shard (``stick_to_shard``): the loader keeps an eval pipeline for the whole run
+    and resets it per pass, and DALI's default would move a kept reader to the next shard each epoch.
+    A train pipeline is built per epoch at the epoch's shard, so the setting does not matter there."""
     jpegs, labels = fn.readers.webdataset(
         paths=list(spec.tars),
         index_paths=list(spec.indices),
@@ -62,6 +70,7 @@ def read_samples(spec: PipelineSpec, train: bool):
         random_shuffle=train,
         initial_fill=spec.shuffle_buffer,
         pad_last_batch=not train,
+        stick_to_shard=not train,
         missing_component_behavior="error",
         name=READER_NAME,
     )
@@ -75,6 +84,8 @@ def _decode(jpegs, spec: PipelineSpec, train: bool):
             "device_memory_padding": DEVICE_MEMORY_PADDING,
             "host_memory_padding": HOST_MEMORY_PADDING,
             "hw_decoder_load": HW_DECODER_LOAD,
+            "preallocate_width_hint": PREALLOCATE_WIDTH_HINT,
+            "preallocate_height_hint": PREALLOCATE_HEIGHT_HINT,
         }
         if gpu
         else {}

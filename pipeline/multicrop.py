@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import NORMALIZATIONS, DataConfig
+from pipeline.config import NORMALIZATIONS, DataConfig, resolve_layout
 
 SUPPORTED_CROPS = (1, 10, 144)
 GOOGLENET_SCALES = (256, 288, 320, 352)  # GoogLeNet §6 shorter sides, for 224x224 inputs
@@ -142,18 +142,16 @@ def apply_plan(image, plan: tuple[CropWindow, ...], image_size: int) -> np.ndarr
 def normalize(
     images: torch.Tensor, cfg: DataConfig, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """uint8 NHWC -> model input: float (cfg.dtype), (x - mean) / std, cfg.layout, on ``device``."""
+    """uint8 [B, H, W, 3] -> model input [B, 3, H, W]: float (cfg.dtype), (x - mean) / std, on ``device``.
+
+    The result is always NCHW-shaped; with layout NHWC (or "auto" on CUDA) it is a permuted view of
+    the channels-last memory (``is_contiguous(memory_format=torch.channels_last)``), with NCHW a
+    contiguous tensor."""
     mean, std = NORMALIZATIONS[cfg.normalization]
     x = images.to(device=device, non_blocking=True).float()
     x = (x - torch.tensor(mean, device=x.device)) / torch.tensor(std, device=x.device)
-    if cfg.layout == "NCHW":
-        x = x.permute(0, 3, 1, 2)
-    return x.to(getattr(torch, cfg.dtype)).contiguous()
-
-
-def mirror_dim(cfg: DataConfig) -> int:
-    """Width axis of a batch in ``cfg.layout``."""
-    return 3 if cfg.layout == "NCHW" else 2
+    x = x.to(getattr(torch, cfg.dtype)).permute(0, 3, 1, 2)
+    return x.contiguous() if resolve_layout(cfg.layout, x.device.type) == "NCHW" else x
 
 
 def _to_pil(item, index: int):

@@ -3,6 +3,8 @@ epochs over 2 simulated ranks, set_epoch reproducibility, identical output forma
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def _cfg(shards, backend, **kw):
 def _pixels(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     """Back to [0, 255] NCHW float."""
     mean, std = NORMALIZATIONS[cfg.normalization]
-    x = x.float() if cfg.layout == "NCHW" else x.float().permute(0, 3, 1, 2)
+    x = x.float()  # every layout hands over [B, 3, S, S]
     return x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
 
 
@@ -126,8 +128,12 @@ def test_backends_same_format_and_values(shards):
 def test_layout_dtype_and_inception_range(shards, backend):
     cfg = _cfg(shards, backend, layout="NHWC", dtype="float16", normalization="inception", batch_size=8)
     x, y = next(iter(make_loader(cfg, "train", 0, 1, "cpu")))
-    assert x.shape == (8, 80, 80, 3) and x.dtype == torch.float16 and y.dtype == torch.int64
+    # NHWC: an NCHW-shaped view of channels-last memory, what channels_last convolutions read as is
+    assert x.shape == (8, 3, 80, 80) and x.dtype == torch.float16 and y.dtype == torch.int64
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     assert -1.0 <= float(x.min()) < -0.5 and 0.5 < float(x.max()) <= 1.0
+    ref, _ = next(iter(make_loader(replace(cfg, layout="NCHW"), "train", 0, 1, "cpu")))
+    assert ref.is_contiguous() and torch.equal(ref, x)  # same values, other memory order
 
 
 def test_loader_metadata_and_errors(shards):
@@ -181,3 +187,22 @@ def test_gpu_mixed_decoding_matches_cpu(shards, crops):
     for (xg, yg), (xc, yc) in zip(gpu, cpu, strict=True):
         assert yg.cpu().tolist() == yc.tolist()
         assert float((xg.cpu() - xc).abs().mean()) < 0.05  # nvJPEG vs libjpeg-turbo IDCT rounding
+
+
+def test_eval_pipeline_built_once_and_reset_per_pass(shards):
+    """Validating raw and EMA weights every epoch reuses one DALI pipeline per loader; a kept reader
+    must stay on its shard (DALI moves a reader to the next shard each epoch unless told not to)."""
+    cfg = _cfg(shards, "dali")
+    loader = make_loader(cfg, "val", 1, 2, "cpu")  # rank 1 of 2: samples [10, 21) of 21
+    passes = [_epoch(loader) for _ in range(3)]
+    labels = [torch.cat(ys).tolist() for _, ys in passes]
+    assert labels == [list(range(10, 21))] * 3 and loader.builds == 1
+    assert all(torch.equal(torch.cat(passes[0][0]), torch.cat(xs)) for xs, _ in passes[1:])
+    next(iter(loader))  # an abandoned pass cannot be reset: the next one is built afresh, complete
+    xs, ys = _epoch(loader)
+    assert torch.cat(ys).tolist() == list(range(10, 21)) and loader.builds == 2
+    train = make_loader(cfg, "train", 0, 1, "cpu")
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        _epoch(train)
+    assert train.builds == 2  # one per epoch: the seed and the shard follow the epoch

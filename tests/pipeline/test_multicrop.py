@@ -118,7 +118,8 @@ def test_preprocess_images_bytes_and_arrays_agree():
 def test_preprocess_images_layout_dtype_and_inception_range():
     cfg = DataConfig(image_size=80, val_resize=90, layout="NHWC", dtype="float16", normalization="inception")
     out = preprocess_images([coded_image(0, 90, 90)], crops=1, cfg=cfg)
-    assert out.shape == (1, 80, 80, 3) and out.dtype == torch.float16
+    assert out.shape == (1, 3, 80, 80) and out.dtype == torch.float16
+    assert out.is_contiguous(memory_format=torch.channels_last)  # NHWC memory, NCHW shape
     assert -1.0 <= float(out.min()) and float(out.max()) <= 1.0
 
 
