@@ -83,6 +83,100 @@ def _autocast(s: LoopSettings):
     return torch.autocast(device_type=s.device.type, dtype=s.amp_dtype)
 
 
+def model_input(images: torch.Tensor, s: LoopSettings) -> torch.Tensor:
+    """A loader batch as the model wants it. The loaders already hand over channels-last memory when
+    ``data.layout`` is NHWC (the default on CUDA), and then this is no copy; float16 batches are cast
+    up when no autocast would take them (AMP off: the weights are float32)."""
+    if s.channels_last and not images.is_contiguous(memory_format=torch.channels_last):
+        images = images.contiguous(memory_format=torch.channels_last)
+    if s.amp_dtype is None and images.dtype != torch.float32:
+        images = images.float()
+    return images
+
+
+class DataWaitClock:
+    """Time the training step waits for the loader, without a host sync per step.
+
+    CPU: wall-clock time blocked in ``next(loader)``. CUDA: the host is normally ahead of the GPU, so
+    time blocked in ``next`` says nothing about whether the GPU waited. Instead an event is recorded
+    when a step's work has been queued and another when the next batch is handed over; on the GPU's
+    timeline the second follows the first at once while the host keeps ahead, and later by exactly
+    the GPU's idle time when the loader made it drain its queue. Events are read at ``collect``
+    (one sync, at log time).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._host_total = 0.0
+        self._t0 = 0.0
+        self._mark = None  # CUDA: event after the previous step's work
+        self._gaps: list = []  # CUDA: (step-done event, batch-ready event)
+
+    def _event(self):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def fetch_started(self) -> None:
+        if self.cuda:
+            if self._mark is None:
+                self._mark = self._event()
+        else:
+            self._t0 = time.perf_counter()
+
+    def fetch_done(self) -> None:
+        if self.cuda:
+            self._gaps.append((self._mark, self._event()))
+            self._mark = None
+        else:
+            self._host_total += time.perf_counter() - self._t0
+
+    def step_queued(self) -> None:
+        if self.cuda:
+            self._mark = self._event()
+
+    def collect(self) -> float:
+        """Seconds waited since the last ``collect`` (synchronises the GPU)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            total = sum(a.elapsed_time(b) for a, b in self._gaps) / 1000.0
+            self._gaps.clear()
+            return total
+        total, self._host_total = self._host_total, 0.0
+        return total
+
+
+class ThroughputWindow:
+    """Running sums between two log points; device tensors stay on the device until ``report``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = time.perf_counter()
+        self.samples = self.steps = 0
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.grad_norm = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, batch: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.samples += batch
+        self.steps += 1
+        self.loss += loss
+        self.grad_norm += grad_norm.detach().to(self.device, torch.float64)
+
+    def report(self, wait: float, lr: float, world_size: int) -> dict[str, float]:
+        """Window metrics (the caller has synchronised, e.g. through ``DataWaitClock.collect``)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        steps = max(self.steps, 1)
+        return {
+            "train/loss": float(self.loss) / steps,
+            "train/lr": lr,
+            "train/grad_norm": float(self.grad_norm) / steps,
+            "train/images_per_sec": self.samples * world_size / elapsed,
+            "train/loader_wait_frac": wait / elapsed,
+            "train/step_time_s": elapsed / steps,
+            "train/peak_memory_mib": peak_memory_mib(self.device),
+        }
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -98,65 +192,49 @@ def train_one_epoch(
 
     ``ema_target`` is the unwrapped model (no DDP / compile wrapper) whose weights the EMA follows;
     ``on_log(metrics, step)`` receives window metrics every ``s.log_every`` steps (rank-local values,
-    images/s scaled to the global batch).
+    images/s scaled to the global batch). No step waits for the GPU: losses and gradient norms are
+    summed on the device and read at log points and at the end of the epoch.
     """
     model.train()
-    sync = torch.cuda.synchronize if s.device.type == "cuda" else (lambda: None)
+    clock = DataWaitClock(s.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
     samples = steps = 0
     wait_total = 0.0
-    win_start = epoch_start = time.perf_counter()
-    win_wait, win_samples, win_steps, win_loss = 0.0, 0, 0, loss_sum.clone()
+    epoch_start = time.perf_counter()
+    window = ThroughputWindow(s.device)
     iterator = iter(loader)
-    while True:
-        if s.max_steps and steps >= s.max_steps:
-            break
-        t0 = time.perf_counter()
+    while not (s.max_steps and steps >= s.max_steps):
+        clock.fetch_started()
         try:
             images, labels = next(iterator)
         except StopIteration:
             break
-        wait = time.perf_counter() - t0
-        if s.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        clock.fetch_done()
         with _autocast(s):
-            out = model(images, with_aux=True)
+            out = model(model_input(images, s), with_aux=True)
             loss = training_loss(out.logits, out.aux_logits, labels, s.aux_weights, s.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip_gradients(model, s.clip_grad_norm)
+        grad_norm = clip_gradients(model, s.clip_grad_norm)
         optimizer.step()
         schedule.step()
         if ema is not None:
             ema.update(ema_target)
+        clock.step_queued()
         global_step += 1
         steps += 1
         batch = labels.shape[0]
         samples += batch
-        wait_total += wait
         detached = loss.detach().to(torch.float64)
         loss_sum += detached * batch
-        win_wait, win_samples, win_steps = win_wait + wait, win_samples + batch, win_steps + 1
-        win_loss += detached
+        window.add(batch, detached, grad_norm)
         _maybe_fail(s, global_step)
         if on_log is not None and global_step % s.log_every == 0:
-            sync()
-            now = time.perf_counter()
-            elapsed = max(now - win_start, 1e-9)
-            on_log(
-                {
-                    "train/loss": float(win_loss) / win_steps,
-                    "train/lr": schedule.get_last_lr(),
-                    "train/images_per_sec": win_samples * s.world_size / elapsed,
-                    "train/loader_wait_frac": win_wait / elapsed,
-                    "train/step_time_s": elapsed / win_steps,
-                    "train/peak_memory_mib": peak_memory_mib(s.device),
-                },
-                global_step,
-            )
-            win_start, win_wait, win_samples, win_steps = now, 0.0, 0, 0
-            win_loss = torch.zeros_like(win_loss)
-    sync()
+            wait = clock.collect()
+            wait_total += wait
+            on_log(window.report(wait, schedule.get_last_lr(), s.world_size), global_step)
+            window = ThroughputWindow(s.device)
+    wait_total += clock.collect()
     elapsed = time.perf_counter() - epoch_start
     total_loss, total_samples, total_wait, total_time, total_steps = all_reduce_sum(
         [float(loss_sum), float(samples), wait_total, elapsed, float(steps)], s.device
@@ -186,10 +264,8 @@ def evaluate(model: nn.Module, loader: Iterable, s: LoopSettings) -> dict[str, f
     for i, (images, labels) in enumerate(loader):
         if s.max_eval_batches and i >= s.max_eval_batches:
             break
-        if s.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(s):
-            logits = model(images)
+            logits = model(model_input(images, s))
         logits = logits.float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices  # [B, k]

@@ -112,10 +112,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r} (rmsprop_tf | sgd)")
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
-    """Clip to global L2 norm ``max_norm`` (paper §8: threshold 2.0); returns the norm before clipping."""
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip to global L2 norm ``max_norm`` (paper §8: threshold 2.0; 0 = off); returns the norm before
+    clipping as a 0-d tensor on the gradients' device. Reading it (``float``) waits for the GPU, so the
+    loop reads it only when it logs (``train/grad_norm``)."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm <= 0:
-        norms = [p.grad.detach().norm(2) for p in params]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if not params:
+        return torch.zeros(())
+    if max_norm > 0:  # scales in place by min(1, max_norm / norm), computed on the device: no sync
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)

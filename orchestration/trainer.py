@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,26 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _byte_tensor(state: Any) -> torch.Tensor:
+    """RNG states must be CPU uint8 tensors (``torch.set_rng_state`` raises "RNG state must be a
+    torch.ByteTensor" for anything else, e.g. a state that a checkpoint load mapped to CUDA)."""
+    return torch.as_tensor(state).detach().to("cpu", torch.uint8)
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = [_byte_tensor(t) for t in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            print(
+                f"warning: the checkpoint holds CUDA RNG states of {len(cuda)} device(s) and this worker "
+                f"sees {torch.cuda.device_count()}: CUDA random streams (dropout) start afresh",
+                flush=True,
+            )
 
 
 def _gather_rng_states() -> list[dict[str, Any]]:
@@ -63,6 +77,42 @@ def _gather_rng_states() -> list[dict[str, Any]]:
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, mine)
     return states
+
+
+def restore_rng_states(states: list[dict[str, Any]], rank: int, world_size: int) -> None:
+    """This rank's saved RNG state; with another world size there is none to match, and it says so."""
+    if len(states) == world_size:
+        _set_rng_state(states[rank])
+    elif rank == 0:
+        print(
+            f"warning: the checkpoint holds RNG states of {len(states)} worker(s) and this run has "
+            f"{world_size}: random streams (dropout) start afresh from the seed; the data order does "
+            "not depend on them",
+            flush=True,
+        )
+
+
+def restore_training_state(
+    payload: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LrSchedule,
+    ema: ModelEma | None,
+    *,
+    rank: int,
+    world_size: int,
+) -> tuple[int, int]:
+    """Load a checkpoint's weights, optimizer, schedule, EMA and this rank's RNG state into the live
+    objects (on whatever device they are); returns ``(epoch, global step)`` to continue from.
+    Tensors may come mapped to any device: weights and optimizer state are copied to the parameters'
+    device, RNG states go back to the CPU."""
+    model.load_state_dict(payload["model"], strict=True)
+    optimizer.load_state_dict(payload["optimizer"])
+    schedule.load_state_dict(payload["scheduler"])
+    if ema is not None:
+        ema.load_state_dict(payload["ema"], payload["extra"]["ema_updates"])
+    restore_rng_states(payload["extra"]["rng"], rank, world_size)
+    return int(payload["epoch"]), int(payload["step"])
 
 
 def loop_settings(
@@ -125,8 +175,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     model = model.to(device, memory_format=torch.channels_last if s.channels_last else torch.preserve_format)
     ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
 
-    train_loader = make_loader(cfg.data, cfg.data.train_split, rank, world_size, device)
-    val_loader = make_loader(cfg.data, cfg.data.val_split, rank, world_size, device)
+    # data.layout auto: batches in the memory order the model computes in (channels-last batches for
+    # a channels_last model, the default on CUDA), so that the loop never copies a batch to convert.
+    data_cfg = cfg.data
+    if data_cfg.layout == "auto":
+        data_cfg = replace(data_cfg, layout="NHWC" if s.channels_last else "NCHW")
+    train_loader = make_loader(data_cfg, data_cfg.train_split, rank, world_size, device)
+    val_loader = make_loader(data_cfg, data_cfg.val_split, rank, world_size, device)
     class_names = list(getattr(train_loader, "class_names", None) or manifest.class_names)
     steps_per_epoch = len(train_loader)
     if cfg.debug.max_steps_per_epoch:
@@ -144,17 +199,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     start_epoch, global_step = 0, 0
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank stream for dropout etc. after identical init
-    payload, source = load_resume_payload(cfg, device)
+    payload, source = load_resume_payload(cfg)
     if payload is not None:
-        model.load_state_dict(payload["model"], strict=True)
-        optimizer.load_state_dict(payload["optimizer"])
-        schedule.load_state_dict(payload["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(payload["ema"], payload["extra"]["ema_updates"])
-        start_epoch, global_step = int(payload["epoch"]), int(payload["step"])
-        rng = payload["extra"]["rng"]
-        if len(rng) == world_size:
-            _set_rng_state(rng[rank])
+        start_epoch, global_step = restore_training_state(
+            payload, model, optimizer, schedule, ema, rank=rank, world_size=world_size
+        )
         print(f"[rank {rank}] resumed from {source}: epoch {start_epoch}, step {global_step}", flush=True)
     elif rank == 0:  # a fresh run: describe it once
         tracker.log_params(flatten(cfg.to_dict()))
@@ -274,9 +323,13 @@ def newest_local_checkpoint(cfg: TrainConfig, newer_than_epoch: int) -> Path | N
     return None
 
 
-def load_resume_payload(cfg: TrainConfig, device: torch.device) -> tuple[dict | None, str | None]:
+def load_resume_payload(cfg: TrainConfig) -> tuple[dict | None, str | None]:
     """The checkpoint to resume from: Ray's ``get_checkpoint()``, or a newer one persisted on storage
-    (chosen by rank 0 and broadcast, so every rank resumes from the same one)."""
+    (chosen by rank 0 and broadcast, so every rank resumes from the same one).
+
+    Loaded on the CPU whatever the worker's device: ``load_state_dict`` copies weights and optimizer
+    state to the parameters' device, and RNG states must stay CPU byte tensors (mapped to CUDA,
+    ``torch.set_rng_state`` rejects them and every resume on a GPU would fail)."""
     import ray.train
 
     from ops.checkpoint import load_checkpoint
@@ -285,7 +338,7 @@ def load_resume_payload(cfg: TrainConfig, device: torch.device) -> tuple[dict | 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            payload = load_checkpoint(ckpt_dir, map_location=device)
+            payload = load_checkpoint(ckpt_dir, map_location="cpu")
         source = checkpoint.path
     newer = [None]
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
@@ -294,7 +347,7 @@ def load_resume_payload(cfg: TrainConfig, device: torch.device) -> tuple[dict | 
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(newer, src=0)
     if newer[0]:
-        payload, source = load_checkpoint(newer[0], map_location=device), newer[0]
+        payload, source = load_checkpoint(newer[0], map_location="cpu"), newer[0]
     return payload, source
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 from models import ModelOutputs
 from orchestration.config import ScheduleConfig
 from orchestration.ema import ModelEma
-from orchestration.loop import InjectedFailure, LoopSettings, evaluate, train_one_epoch
+from orchestration.loop import InjectedFailure, LoopSettings, evaluate, model_input, train_one_epoch
 from orchestration.optim import RMSpropTF
 from orchestration.schedule import LrSchedule
 
@@ -77,6 +78,7 @@ def test_epoch_metrics_and_log_cadence():
     assert set(logs[0][1]) == {
         "train/loss",
         "train/lr",
+        "train/grad_norm",
         "train/images_per_sec",
         "train/loader_wait_frac",
         "train/step_time_s",
@@ -107,3 +109,58 @@ def test_max_steps_and_failure_injection(tmp_path):
         model, _SlowLoader(), opt, sched, None, model, s, 0
     )  # marker: no second failure
     assert step == 4
+
+
+def test_grad_norm_is_logged_before_clipping():
+    model, opt, sched, _ = _setup()
+    s = LoopSettings(
+        device=torch.device("cpu"),
+        amp_dtype=None,
+        channels_last=False,
+        aux_weights=(0.4,),
+        label_smoothing=0.1,
+        clip_grad_norm=0.0,  # off: the gradients stay as computed, so they can be read back
+        log_every=1,
+        max_steps=1,
+    )
+    logs = []
+    train_one_epoch(model, _SlowLoader(), opt, sched, None, model, s, 0, on_log=lambda m, k: logs.append(m))
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert logs[0]["train/grad_norm"] == pytest.approx(float(norm), rel=1e-6) and float(norm) > 0
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_layouts_and_dtypes_train_end_to_end(tmp_path, layout, dtype):
+    """DALI (CPU) batches in either memory order and dtype through the real network and loop: NHWC
+    reaches a channels_last model without a copy; float16 batches train with AMP off."""
+    import models
+    from pipeline import DataConfig, make_loader
+    from tests.pipeline.shard_fixtures import write_coded_shards
+
+    write_coded_shards(tmp_path, {"train": 16}, num_classes=4, shard_size=8)
+    cfg = DataConfig(
+        shards=str(tmp_path), batch_size=4, image_size=80, val_resize=90, layout=layout, dtype=dtype
+    )
+    loader = make_loader(cfg, "train", 0, 1, "cpu")
+    x, _ = next(iter(loader))
+    assert x.shape == (4, 3, 80, 80) and x.dtype == getattr(torch, dtype)
+    s = LoopSettings(
+        device=torch.device("cpu"),
+        amp_dtype=None,
+        channels_last=layout == "NHWC",
+        aux_weights=(0.4,),
+        label_smoothing=0.1,
+        clip_grad_norm=2.0,
+    )
+    assert (model_input(x, s).data_ptr() == x.data_ptr()) == (dtype == "float32")  # no layout copy
+    torch.manual_seed(0)
+    model = models.inception_v3(num_classes=4, width_mult=0.25)
+    if s.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = RMSpropTF(model.parameters(), lr=0.01)
+    sched = LrSchedule(opt, 0.01, len(loader), ScheduleConfig(), 0.0)
+    metrics, step = train_one_epoch(model, loader, opt, sched, ModelEma(model, 0.9), model, s, 0)
+    assert step == 4 and math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
+    val = evaluate(model, loader, s)
+    assert val["count"] == 16

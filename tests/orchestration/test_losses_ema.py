@@ -79,3 +79,47 @@ def test_ema_without_warmup():
     clone = ModelEma(_Tiny(), 0.5, False)
     clone.load_state_dict(ema.state_dict(), num_updates=2)
     assert clone.module.w.item() == pytest.approx(1.25) and clone.current_decay() == 0.5
+
+
+def _loop_ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    """The per-tensor Python loop ``ModelEma.update`` replaced (the reference for its numerics)."""
+    source = model.state_dict()
+    with torch.no_grad():
+        for key, ema_value in ema_model.state_dict().items():
+            value = source[key].detach()
+            if ema_value.is_floating_point():
+                ema_value.lerp_(value.to(ema_value.dtype), 1 - decay)
+            else:
+                ema_value.copy_(value)
+
+
+def test_fused_ema_matches_the_per_tensor_loop_on_inception_v3():
+    import copy
+
+    import models
+
+    torch.manual_seed(0)
+    model = models.inception_v3(num_classes=10, width_mult=0.25)
+    ema = ModelEma(model, decay=0.999, warmup=True)
+    reference = copy.deepcopy(ema.module)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model.train()
+        out = model(torch.randn(2, 3, 75, 75), with_aux=True)
+        (out.logits.square().mean() + out.aux_logits[0].square().mean()).backward()
+        opt.step()
+        opt.zero_grad()
+        _loop_ema_update(reference, model, ema.current_decay())
+        ema.update(model)
+    assert model.Mixed_5b.branch1x1.bn.num_batches_tracked.item() == 3
+    for key, value in reference.state_dict().items():
+        assert torch.equal(ema.module.state_dict()[key], value), key  # bit for bit
+    # lists follow in-place loads into the same model; another model object gets its own lists
+    other = models.inception_v3(num_classes=10, width_mult=0.25)
+    model.load_state_dict(other.state_dict())
+    _loop_ema_update(reference, model, ema.current_decay())
+    ema.update(model)
+    assert torch.equal(ema.module.fc.weight, reference.fc.weight)
+    _loop_ema_update(reference, other, ema.current_decay())
+    ema.update(other)
+    assert torch.equal(ema.module.fc.weight, reference.fc.weight)

@@ -79,7 +79,8 @@ def test_clip_gradients_global_norm():
     a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])  # global norm 5
     model = nn.Module()
     model.a, model.b = a, b
-    assert clip_gradients(model, 2.0) == pytest.approx(5.0)
+    norm = clip_gradients(model, 2.0)
+    assert isinstance(norm, torch.Tensor) and norm.item() == pytest.approx(5.0)  # no host sync inside
     assert a.grad.tolist() == pytest.approx([1.2, 0.0], abs=1e-6) and b.grad.item() == pytest.approx(
         1.6, abs=1e-6
     )
@@ -88,3 +89,13 @@ def test_clip_gradients_global_norm():
 def test_bad_hyperparameters_are_named():
     with pytest.raises(ValueError, match="eps=0"):
         RMSpropTF([nn.Parameter(torch.zeros(1))], eps=0)
+
+
+def test_clip_gradients_off_returns_the_norm_untouched():
+    a = nn.Parameter(torch.zeros(2))
+    a.grad = torch.tensor([30.0, 40.0])
+    model = nn.Module()
+    model.a = a
+    norm = clip_gradients(model, 0.0)
+    assert isinstance(norm, torch.Tensor) and norm.item() == pytest.approx(50.0)
+    assert a.grad.tolist() == [30.0, 40.0]
