@@ -46,6 +46,7 @@ class RMSpropTF(torch.optim.Optimizer):
         momentum: float = 0.9,
         eps: float = 1.0,
         weight_decay: float = 0.0,
+        foreach: bool = True,
     ):
         if lr <= 0 or not 0 <= decay < 1 or not 0 <= momentum < 1 or eps <= 0 or weight_decay < 0:
             raise ValueError(
@@ -53,8 +54,18 @@ class RMSpropTF(torch.optim.Optimizer):
                 f"momentum={momentum} eps={eps} weight_decay={weight_decay}"
             )
         super().__init__(
-            params, dict(lr=lr, decay=decay, momentum=momentum, eps=eps, weight_decay=weight_decay)
+            params,
+            dict(lr=lr, decay=decay, momentum=momentum, eps=eps, weight_decay=weight_decay, foreach=foreach),
         )
+
+    def _state_of(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["square_avg"] = torch.ones_like(p)  # TF: ms initialised to ones (torch: zeros)
+            state["momentum_buffer"] = torch.zeros_like(p)
+        state["step"] += 1
+        return state
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,32 +74,56 @@ class RMSpropTF(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, decay, momentum = group["lr"], group["decay"], group["momentum"]
-            eps, wd = group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("RMSpropTF does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["square_avg"] = torch.ones_like(p)  # TF: ms initialised to ones (torch: zeros)
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                state["step"] += 1
-                if wd:
-                    grad = grad.add(p, alpha=wd)
-                square_avg = state["square_avg"]
-                square_avg.mul_(decay).addcmul_(grad, grad, value=1 - decay)
-                denom = square_avg.add(eps).sqrt_()  # TF: eps INSIDE the sqrt (torch: sqrt(ms) + eps)
-                buf = state["momentum_buffer"]
-                if momentum > 0:
-                    buf.mul_(momentum).addcdiv_(grad, denom, value=lr)  # TF: lr inside the buffer
-                    p.sub_(buf)
-                else:
-                    p.addcdiv_(grad, denom, value=-lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("RMSpropTF does not support sparse gradients")
+            if not params:
+                continue
+            same_kind = len({(p.device, p.dtype) for p in params}) == 1
+            if group.get("foreach", True) and same_kind:
+                self._update_foreach(group, params)
+            else:
+                for p in params:
+                    self._update_one(group, p)
         return loss
+
+    def _update_one(self, group: dict, p: torch.Tensor) -> None:
+        """One tensor, the formulas of the module docstring (the reference of ``_update_foreach``)."""
+        lr, decay, momentum = group["lr"], group["decay"], group["momentum"]
+        eps, wd = group["eps"], group["weight_decay"]
+        state = self._state_of(p)
+        grad = p.grad.add(p, alpha=wd) if wd else p.grad
+        square_avg = state["square_avg"]
+        square_avg.mul_(decay).addcmul_(grad, grad, value=1 - decay)
+        denom = square_avg.add(eps).sqrt_()  # TF: eps INSIDE the sqrt (torch: sqrt(ms) + eps)
+        buf = state["momentum_buffer"]
+        if momentum > 0:
+            buf.mul_(momentum).addcdiv_(grad, denom, value=lr)  # TF: lr inside the buffer
+            p.sub_(buf)
+        else:
+            p.addcdiv_(grad, denom, value=-lr)
+
+    def _update_foreach(self, group: dict, params: list[torch.Tensor]) -> None:
+        """The same arithmetic as ``_update_one`` on whole lists: ~8 multi-tensor kernels per group
+        instead of ~8 kernels per tensor (Inception-v3: ~2,400 launches per step otherwise)."""
+        lr, decay, momentum = group["lr"], group["decay"], group["momentum"]
+        eps, wd = group["eps"], group["weight_decay"]
+        states = [self._state_of(p) for p in params]
+        grads = [p.grad for p in params]
+        if wd:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        square_avgs = [st["square_avg"] for st in states]
+        torch._foreach_mul_(square_avgs, decay)
+        torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - decay)
+        denoms = torch._foreach_add(square_avgs, eps)
+        torch._foreach_sqrt_(denoms)
+        if momentum > 0:
+            bufs = [st["momentum_buffer"] for st in states]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_addcdiv_(bufs, grads, denoms, value=lr)
+            torch._foreach_sub_(params, bufs)
+        else:
+            torch._foreach_addcdiv_(params, grads, denoms, value=-lr)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

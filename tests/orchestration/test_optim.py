@@ -99,3 +99,28 @@ def test_clip_gradients_off_returns_the_norm_untouched():
     norm = clip_gradients(model, 0.0)
     assert isinstance(norm, torch.Tensor) and norm.item() == pytest.approx(50.0)
     assert a.grad.tolist() == [30.0, 40.0]
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_foreach_update_matches_the_per_tensor_update_bit_for_bit(momentum):
+    import models
+
+    torch.manual_seed(0)
+    nets = [models.inception_v3(num_classes=7, width_mult=0.25) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    initial = nets[0].fc.weight.detach().clone()
+    opts = [
+        RMSpropTF(parameter_groups(net, 4e-5), lr=0.05, momentum=momentum, foreach=fe)
+        for net, fe in zip(nets, (True, False), strict=True)
+    ]
+    x = torch.randn(2, 3, 75, 75)
+    for _ in range(3):
+        for net, opt in zip(nets, opts, strict=True):
+            torch.manual_seed(1)  # same dropout masks
+            out = net.train()(x, with_aux=True)
+            opt.zero_grad()
+            (out.logits.square().mean() + out.aux_logits[0].square().mean()).backward()
+            opt.step()
+    fused, reference = (dict(net.named_parameters()) for net in nets)
+    assert all(torch.equal(fused[k], reference[k]) for k in reference)
+    assert not torch.equal(fused["fc.weight"], initial)  # the steps did move the weights
