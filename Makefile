@@ -10,13 +10,20 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+GPU_CHECK_ARGS ?=
+REAL_DATA_DIR ?= ../shared/data
+# gpu-check runs where it is started: the venv's python when there is one, else the machine's own
+# (a GPU image with CUDA torch and DALI carried in; nothing is installed there).
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 
-.PHONY: install demo test lint clean-demo help
+.PHONY: install demo test lint clean-demo help gpu-check gpu-check-data
 
 help:
 	@echo "make demo   - install, then run the main job end to end (shards -> DALI -> Ray Train -> MLflow -> multi-crop eval)"
 	@echo "make test   - install, then run the test suite (RUN_SLOW=1 and REAL_DATA_DIR=... enable the slow/real-data tests)"
 	@echo "make lint   - ruff"
+	@echo "make gpu-check       - on a GPU machine: tests, loader, training step, peers, end to end, multi-crop (GPU_CHECK_ARGS=--smoke on CPU)"
+	@echo "make gpu-check-data  - the real-JPEG shards gpu-check reads (.gpucheck/shards, from REAL_DATA_DIR)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +45,10 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# No install step: on a GPU machine the image's CUDA torch is used as it is.
+gpu-check:
+	$(GPU_PYTHON) -m orchestration.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-check-data: install
+	$(BIN)/python -m orchestration.gpu_check --prepare $(REAL_DATA_DIR)/imagenet-sample-images.tar

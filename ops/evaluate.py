@@ -88,9 +88,14 @@ def correct_counts(member_probs: torch.Tensor, labels: torch.Tensor, member_coun
 
 
 @torch.no_grad()
-def _member_crop_probabilities(members, images: torch.Tensor, crops: int) -> torch.Tensor:
-    """images [B*K, 3, S, S] -> per-member probabilities averaged over each image's K crops: [M, B, C]."""
-    probs = torch.stack([torch.softmax(m(images).float(), dim=1) for m in members])  # [M, B*K, C]
+def _member_crop_probabilities(
+    members, images: torch.Tensor, crops: int, amp_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """images [B*K, 3, S, S] -> per-member probabilities averaged over each image's K crops: [M, B, C].
+    With ``amp_dtype`` the networks run under autocast; softmax and averages stay float32."""
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = [m(images) for m in members]
+    probs = torch.stack([torch.softmax(x.float(), dim=1) for x in logits])  # [M, B*K, C]
     return probs.view(probs.shape[0], -1, crops, probs.shape[-1]).mean(dim=2)
 
 
@@ -116,13 +121,16 @@ def evaluate_multicrop(
     backend: str = "dali",
     device: str | torch.device | None = None,
     progress: bool = True,
+    amp: str = "auto",
 ) -> EvalTable:
     """Top-1/top-5 error of the ensembles of the first k ``members`` for every k in ``member_counts``
     (default 1..N) and every crop setting, on ``split`` of ``shards``.
 
     ``data`` gives the preprocessing (a DataConfig or a dict with image_size, val_resize,
     normalization); ``batch_size`` is images per batch, lowered for many crops so that a batch
-    holds at most crops_per_batch(device, image_size) crops.
+    holds at most crops_per_batch(device, image_size) crops. ``amp``: "auto" runs the networks in
+    bfloat16 autocast and channels-last memory on CUDA (as training does), float32 on CPU;
+    "bf16" / "off" force it.
     """
     from pipeline import make_multicrop_loader
 
@@ -137,7 +145,12 @@ def evaluate_multicrop(
         raise ValueError(f"crops {bad} are not supported: use {', '.join(map(str, PAPER_CROPS))}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_flush_denormal(True)  # subnormals slow CPU convolutions ~15x (see ops.ensemble_model)
-    members = [m.to(device).eval() for m in members]
+    if amp not in ("auto", "bf16", "off"):
+        raise ValueError(f"amp must be auto, bf16 or off, got {amp!r}")
+    on_gpu = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and on_gpu) else None
+    memory_format = torch.channels_last if on_gpu else torch.preserve_format  # loader: NHWC on CUDA
+    members = [m.to(device, memory_format=memory_format).eval() for m in members]
     top1, top5, num_samples = {}, {}, None
     for c in crops:
         cfg = _data_config(data, shards, 1, backend)
@@ -148,7 +161,7 @@ def evaluate_multicrop(
         for images, labels in tqdm(
             loader, total=len(loader), desc=f"{c} crop(s)", unit="batch", disable=not progress
         ):
-            probs = _member_crop_probabilities(members, images.to(device, torch.float32), c)
+            probs = _member_crop_probabilities(members, images.to(device, torch.float32), c, amp_dtype)
             b1, b5 = correct_counts(probs, labels, member_counts)
             for k in member_counts:
                 hits1[k] += b1[k]

@@ -156,6 +156,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    else:  # fixed input sizes: let cuDNN time its convolution algorithms once and keep the fastest
+        torch.backends.cudnn.benchmark = True
     tracker = RunTracker(
         loop_config.get("tracking_uri", ""),
         loop_config.get("mlflow_run_id"),

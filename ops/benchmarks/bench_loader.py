@@ -37,26 +37,48 @@ TARGET_VS_TORCH = 2.0  # issue 4: DALI CPU >= 2x the Pillow DataLoader
 TARGET_VS_RAW = 0.90  # issue 4: our wrapper costs < 10% of the bare DALI rate
 
 
+def repeat_shards(src: str | Path, dst: str | Path, splits: dict[str, tuple[str, int]]) -> Path:
+    """A shard folder ``dst`` whose split ``name`` lists split ``source`` of ``src`` ``repeat`` times,
+    for every ``name: (source, repeat)`` of ``splits``: longer epochs from a few real images, so that
+    per-epoch costs weigh as little as on real datasets. Files are hard links (copies across file
+    systems); ``src`` is not changed."""
+    import shutil
+
+    from pipeline.schema import ShardInfo, SplitInfo, index_name, load_manifest, shard_name, write_manifest
+
+    src, dst = Path(src), Path(dst)
+    manifest = load_manifest(src)
+    dst.mkdir(parents=True, exist_ok=True)
+
+    def link(a: Path, b: Path) -> None:
+        b.unlink(missing_ok=True)
+        try:
+            b.hardlink_to(a)
+        except OSError:
+            shutil.copyfile(a, b)
+
+    out_splits = {}
+    for name, (source, repeat) in splits.items():
+        shards = []
+        for _ in range(repeat):
+            for sh in manifest.split(source).shards:
+                i = len(shards)
+                link(src / sh.tar, dst / shard_name(name, i))
+                link(src / sh.index, dst / index_name(name, i))
+                shards.append(ShardInfo(shard_name(name, i), index_name(name, i), sh.count, sh.sha256, sh.bytes))
+        out_splits[name] = SplitInfo(tuple(shards), params={"repeat_of": source, "repeat": repeat})
+    write_manifest(dst, type(manifest)(classes=manifest.classes, splits=out_splits))
+    return dst
+
+
 def build_bench_shards(source: str, out: Path, repeat: int) -> None:
     """Shards of ``source``; ``repeat`` > 1 lists the same tar ``repeat`` times (hard links) so
     epochs are long enough that per-epoch pipeline rebuilds weigh as little as on real datasets."""
-    from pipeline.schema import ShardInfo, SplitInfo, index_name, load_manifest, shard_name, write_manifest
     from pipeline.shards import build_shards
 
-    build_shards(source, out, "train", progress=True)
-    manifest = load_manifest(out)
-    base = manifest.split("train").shards
-    shards = list(base)
-    for _ in range(1, repeat):
-        for sh in base:
-            i = len(shards)
-            (out / shard_name("train", i)).hardlink_to(out / sh.tar)
-            (out / index_name("train", i)).hardlink_to(out / sh.index)
-            shards.append(
-                ShardInfo(shard_name("train", i), index_name("train", i), sh.count, sh.sha256, sh.bytes)
-            )
-    splits = dict(manifest.splits, train=SplitInfo(tuple(shards), params={"repeat": repeat}))
-    write_manifest(out, type(manifest)(classes=manifest.classes, splits=splits))
+    built = out.with_name(out.name + "-built")
+    build_shards(source, built, "train", progress=True)
+    repeat_shards(built, out, {"train": ("train", repeat)})
 
 
 def cpu_seconds() -> float:

@@ -1,0 +1,54 @@
+"""``make gpu-check`` in its CPU smoke mode: every step that can run without CUDA runs on tiny sizes
+and reports real figures, so the script that spends scarce GPU minutes never rots."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_check_smoke_runs_every_cpu_step(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestration.gpu_check", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    steps = {s["name"]: s for s in report["steps"]}
+    assert list(steps) == ["gpu-tests", "loader", "train-step", "peers", "end-to-end", "multicrop"]
+    assert steps["gpu-tests"]["status"] == "skipped" and steps["gpu-tests"]["notes"] == ["needs a CUDA GPU"]
+    assert steps["peers"]["status"] in ("ok", "skipped")  # skipped where torchvision/timm are missing
+    for name in ("loader", "train-step", "end-to-end", "multicrop"):
+        assert steps[name]["status"] == "ok", steps[name]
+    rates = steps["loader"]["figures"]["images_per_s"]
+    assert set(rates) == {"dali_cpu", "pillow_dataloader"} and min(rates.values()) > 0
+    rows = steps["train-step"]["figures"]["rows"]
+    assert [(r["setting"], r["batch"]) for r in rows] == [("float32", 4), ("bf16+channels_last", 4)]
+    e2e = steps["end-to-end"]["figures"]
+    assert e2e["steps"] == 6 and 0 <= e2e["steady_loader_wait_frac"] < 1
+    assert e2e["resume"]["bit_exact"] and e2e["resume"]["steps"] == 3
+    crops = steps["multicrop"]["figures"]["crops"]
+    assert sorted(crops, key=int) == ["1", "10", "144"] and all(c["images"] == 24 for c in crops.values())
+    assert "=== make gpu-check ===" in proc.stdout and (out / "gpu_check.md").read_text().startswith("# make gpu-check")
+
+
+def test_gpu_check_refuses_without_cuda_or_bad_steps(tmp_path):
+    from orchestration import gpu_check
+
+    assert gpu_check.main(["--smoke", "--only", "nonsense", "--out", str(tmp_path)]) == 2
+    if not __import__("torch").cuda.is_available():
+        assert gpu_check.main(["--out", str(tmp_path)]) == 2
