@@ -194,7 +194,18 @@ def step_gpu_tests(ctx: Context) -> StepResult:
         str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py") if "mark.gpu" in p.read_text()
     )
     xml = ctx.out / "pytest_gpu.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={xml}",
+        *files,
+    ]
     env = dict(os.environ, RUN_SLOW="1")
     limit = min(180.0, max(60.0, ctx.left()))  # a hung test must not eat the whole budget
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit)
@@ -268,7 +279,10 @@ def step_loader(ctx: Context) -> StepResult:
         ratio = rates["dali_mixed"] / rates["pillow_dataloader"]
         figures["dali_mixed_over_pillow"] = ratio
         figures["dali_mixed_over_bare"] = rates["dali_mixed"] / rates["dali_mixed_bare"]
-        if rates["dali_mixed"] < TARGETS["dali_mixed_images_per_s"] or ratio < TARGETS["dali_mixed_over_pillow"]:
+        if (
+            rates["dali_mixed"] < TARGETS["dali_mixed_images_per_s"]
+            or ratio < TARGETS["dali_mixed_over_pillow"]
+        ):
             res.status = "below target"
     return res
 
@@ -294,7 +308,11 @@ def step_train_step(ctx: Context) -> StepResult:
     num_classes = 1000 if not ctx.smoke else ctx.num_classes()
     flops = _flops_per_image(ctx, num_classes)
     peak = bf16_peak(ctx.env) if ctx.cuda else None
-    settings = STEP_SETTINGS if ctx.cuda else [s for s in STEP_SETTINGS if s.name in ("float32", "bf16+channels_last")]
+    settings = (
+        STEP_SETTINGS
+        if ctx.cuda
+        else [s for s in STEP_SETTINGS if s.name in ("float32", "bf16+channels_last")]
+    )
     rows, notes = [], []
     if ctx.cuda:
         cuda_backends(deterministic=False)
@@ -512,7 +530,9 @@ def step_end_to_end(ctx: Context) -> StepResult:
     state = _train_state(ctx, num_classes, 0, z.e2e_steps + 2 * z.resume_steps, setting.channels_last)
     model, optimizer, schedule, ema = state
     aux = tuple(model.aux_loss_weights)
-    s = replace(loop_settings_for(setting, ctx.device, aux), max_steps=z.e2e_steps, log_every=max(1, z.e2e_steps // 6))
+    s = replace(
+        loop_settings_for(setting, ctx.device, aux), max_steps=z.e2e_steps, log_every=max(1, z.e2e_steps // 6)
+    )
     loader = make_loader(cfg, "train", 0, 1, ctx.device)
     windows = []
     log(f"end-to-end: {z.e2e_steps} steps of {z.e2e_batch} ({setting.name})")
@@ -537,7 +557,9 @@ def step_end_to_end(ctx: Context) -> StepResult:
     if step_rate:
         figures["step_only_images_per_s"] = step_rate
         figures["over_step_only"] = rate / step_rate
-        if ctx.cuda and (rate / step_rate < TARGETS["end_to_end_over_step"] or wait > TARGETS["loader_wait_frac"]):
+        if ctx.cuda and (
+            rate / step_rate < TARGETS["end_to_end_over_step"] or wait > TARGETS["loader_wait_frac"]
+        ):
             res.status = "below target"
     else:
         res.notes.append("no step-only rate at this setting and batch (train-step step skipped?)")
@@ -597,7 +619,9 @@ def step_multicrop(ctx: Context) -> StepResult:
     torch.manual_seed(0)
     calib = torch.randn(8, 3, z.image_size, z.image_size, device=ctx.device)
     members = [
-        _calibrated(models.inception_v3(num_classes=num_classes, width_mult=z.width_mult).to(ctx.device), calib)
+        _calibrated(
+            models.inception_v3(num_classes=num_classes, width_mult=z.width_mult).to(ctx.device), calib
+        )
         for _ in range(2)
     ]
     rows = {}
@@ -605,13 +629,31 @@ def step_multicrop(ctx: Context) -> StepResult:
         split = "val144" if crops == 144 else "val"
         log(f"multicrop: {crops} crop(s) on split {split}")
         if ctx.cuda:  # warm-up: cuDNN autotuning for this batch shape, nvJPEG, page cache
-            evaluate_multicrop(members, str(shards), data=data, split=split, crops=(crops,),
-                               batch_size=z.mc_batch, device=ctx.device, progress=False, member_counts=(2,))
+            evaluate_multicrop(
+                members,
+                str(shards),
+                data=data,
+                split=split,
+                crops=(crops,),
+                batch_size=z.mc_batch,
+                device=ctx.device,
+                progress=False,
+                member_counts=(2,),
+            )
         if ctx.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        table = evaluate_multicrop(members, str(shards), data=data, split=split, crops=(crops,),
-                                   batch_size=z.mc_batch, device=ctx.device, progress=False, member_counts=(2,))
+        table = evaluate_multicrop(
+            members,
+            str(shards),
+            data=data,
+            split=split,
+            crops=(crops,),
+            batch_size=z.mc_batch,
+            device=ctx.device,
+            progress=False,
+            member_counts=(2,),
+        )
         if ctx.cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -667,7 +709,9 @@ def _fmt(v) -> str:
 
 def summary_lines(ctx: Context) -> list[str]:
     """One line per step with its headline figures."""
-    lines = [f"device: {ctx.env.get('device')}  torch {ctx.env.get('torch')}  DALI {ctx.env.get('nvidia.dali')}"]
+    lines = [
+        f"device: {ctx.env.get('device')}  torch {ctx.env.get('torch')}  DALI {ctx.env.get('nvidia.dali')}"
+    ]
     for r in ctx.results:
         f = r.figures
         head = ""
@@ -678,13 +722,18 @@ def summary_lines(ctx: Context) -> list[str]:
             if "dali_mixed_over_pillow" in f:
                 head += f"; mixed/pillow {f['dali_mixed_over_pillow']:.2f}x"
         elif r.name == "train-step" and f.get("rows"):
-            head = "; ".join(
-                f"{row['setting']}@{row['batch']} {row['images_per_s']:,.0f}"
-                + (f" ({100 * row['mfu_vs_bf16_peak']:.0f}% MFU)" if "mfu_vs_bf16_peak" in row else "")
-                for row in f["rows"]
-            ) + " img/s"
+            head = (
+                "; ".join(
+                    f"{row['setting']}@{row['batch']} {row['images_per_s']:,.0f}"
+                    + (f" ({100 * row['mfu_vs_bf16_peak']:.0f}% MFU)" if "mfu_vs_bf16_peak" in row else "")
+                    for row in f["rows"]
+                )
+                + " img/s"
+            )
         elif r.name == "peers" and f:
-            eq = ", ".join(f"{k} rel err {v['logits_rel_err']:.1e}" for k, v in f.get("equivalence", {}).items())
+            eq = ", ".join(
+                f"{k} rel err {v['logits_rel_err']:.1e}" for k, v in f.get("equivalence", {}).items()
+            )
             t = f.get("timing", {})
             speed = ", ".join(f"ours/{k[10:]} {v:.2f}x" for k, v in t.items() if k.startswith("ours_over_"))
             head = f"{eq}; {speed}"
@@ -721,8 +770,13 @@ def write_report(ctx: Context) -> None:
             keys = list(rows[0])
             md += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             md += ["| " + " | ".join(_fmt(row.get(k, "")) for k in keys) + " |" for row in rows]
-        md += ["", "```json", json.dumps({k: v for k, v in r.figures.items() if k != "rows"}, indent=1,
-                                          default=str), "```", ""]
+        md += [
+            "",
+            "```json",
+            json.dumps({k: v for k, v in r.figures.items() if k != "rows"}, indent=1, default=str),
+            "```",
+            "",
+        ]
     (ctx.out / "gpu_check.md").write_text("\n".join(md))
 
 
@@ -739,14 +793,18 @@ def prepare_shards(source: Path, images: int, out: Path, progress: bool = True) 
         manifest = load_manifest(tmp)
         first = manifest.split("train").shards[0]
         if first.count < images:
-            raise ShardFormatError(f"{source} gave {first.count} images in its first shard, fewer than {images}")
+            raise ShardFormatError(
+                f"{source} gave {first.count} images in its first shard, fewer than {images}"
+            )
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
         shutil.copyfile(Path(tmp) / first.tar, out / first.tar)
         shutil.copyfile(Path(tmp) / first.index, out / first.index)
         params = dict(manifest.split("train").params, subset_of=str(source))
-        write_manifest(out, type(manifest)(classes=manifest.classes, splits={"train": SplitInfo((first,), (), params)}))
+        write_manifest(
+            out, type(manifest)(classes=manifest.classes, splits={"train": SplitInfo((first,), (), params)})
+        )
     return out
 
 
@@ -757,16 +815,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "resume, multi-crop evaluation. Writes gpu_check.json/.md into --out.",
     )
     p.add_argument("--out", default="gpu-check-out", help="report folder (default: gpu-check-out)")
-    p.add_argument("--shards", help=f"shard folder with a 'train' split of real JPEGs (default: {DEFAULT_SHARDS}; "
-                   f"--smoke: built from {SMOKE_SOURCE.relative_to(REPO)})")
+    p.add_argument(
+        "--shards",
+        help=f"shard folder with a 'train' split of real JPEGs (default: {DEFAULT_SHARDS}; "
+        f"--smoke: built from {SMOKE_SOURCE.relative_to(REPO)})",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU; CUDA-only steps are skipped")
     p.add_argument("--only", help=f"comma list of steps to run ({', '.join(STEP_NAMES)})")
-    p.add_argument("--budget-s", type=float, default=330.0,
-                   help="time budget; optional parts (compile) and later steps are skipped past it (default 330)")
-    p.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1),
-                   help="DALI threads = DataLoader workers (default: CPU cores, at most 16)")
-    p.add_argument("--prepare", metavar="SOURCE",
-                   help="build the default shard folder from SOURCE (e.g. ../shared/data/imagenet-sample-images.tar) and exit")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=330.0,
+        help="time budget; optional parts (compile) and later steps are skipped past it (default 330)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=min(16, os.cpu_count() or 1),
+        help="DALI threads = DataLoader workers (default: CPU cores, at most 16)",
+    )
+    p.add_argument(
+        "--prepare",
+        metavar="SOURCE",
+        help="build the default shard folder from SOURCE (e.g. ../shared/data/imagenet-sample-images.tar) and exit",
+    )
     p.add_argument("--images", type=int, default=160, help="--prepare: images to keep (default 160, ~17 MB)")
     return p.parse_args(argv)
 
@@ -797,16 +869,30 @@ def main(argv: list[str] | None = None) -> int:
             shards = prepare_shards(SMOKE_SOURCE, SMOKE_IMAGES, work / "smoke-source", progress=False)
         shards = shards or DEFAULT_SHARDS
         if not (shards / "manifest.json").exists():
-            print(f"error: no shards at {shards}: run `make gpu-check-data` (or --prepare SOURCE) first, "
-                  "or pass --shards DIR", file=sys.stderr)
+            print(
+                f"error: no shards at {shards}: run `make gpu-check-data` (or --prepare SOURCE) first, "
+                "or pass --shards DIR",
+                file=sys.stderr,
+            )
             return 2
         sizes = SMOKE_SIZES if args.smoke else full_sizes(args.threads)
-        ctx = Context(out, sizes, args.smoke, device, shards.resolve(), work,
-                      deadline=time.monotonic() + args.budget_s, env=environment(device))
+        ctx = Context(
+            out,
+            sizes,
+            args.smoke,
+            device,
+            shards.resolve(),
+            work,
+            deadline=time.monotonic() + args.budget_s,
+            env=environment(device),
+        )
         log(f"{ctx.env['device']}, budget {args.budget_s:.0f} s, report in {out}")
         for name in STEP_NAMES:
             run_step(ctx, name, only)
-    print("\n".join(["", "=== make gpu-check ===", *summary_lines(ctx), f"report: {out}/gpu_check.md"]), flush=True)
+    print(
+        "\n".join(["", "=== make gpu-check ===", *summary_lines(ctx), f"report: {out}/gpu_check.md"]),
+        flush=True,
+    )
     return 1 if any(r.status == "fail" for r in ctx.results) else 0
 
 

@@ -77,7 +77,9 @@ STEP_SETTINGS = (
 )
 
 
-def loop_settings_for(setting: StepSetting, device: torch.device, aux_weights: tuple[float, ...]) -> LoopSettings:
+def loop_settings_for(
+    setting: StepSetting, device: torch.device, aux_weights: tuple[float, ...]
+) -> LoopSettings:
     optim = OptimConfig()
     return LoopSettings(
         device=device,

@@ -65,7 +65,9 @@ def repeat_shards(src: str | Path, dst: str | Path, splits: dict[str, tuple[str,
                 i = len(shards)
                 link(src / sh.tar, dst / shard_name(name, i))
                 link(src / sh.index, dst / index_name(name, i))
-                shards.append(ShardInfo(shard_name(name, i), index_name(name, i), sh.count, sh.sha256, sh.bytes))
+                shards.append(
+                    ShardInfo(shard_name(name, i), index_name(name, i), sh.count, sh.sha256, sh.bytes)
+                )
         out_splits[name] = SplitInfo(tuple(shards), params={"repeat_of": source, "repeat": repeat})
     write_manifest(dst, type(manifest)(classes=manifest.classes, splits=out_splits))
     return dst

@@ -43,7 +43,9 @@ def test_gpu_check_smoke_runs_every_cpu_step(tmp_path):
     assert e2e["resume"]["bit_exact"] and e2e["resume"]["steps"] == 3
     crops = steps["multicrop"]["figures"]["crops"]
     assert sorted(crops, key=int) == ["1", "10", "144"] and all(c["images"] == 24 for c in crops.values())
-    assert "=== make gpu-check ===" in proc.stdout and (out / "gpu_check.md").read_text().startswith("# make gpu-check")
+    assert "=== make gpu-check ===" in proc.stdout and (out / "gpu_check.md").read_text().startswith(
+        "# make gpu-check"
+    )
 
 
 def test_gpu_check_refuses_without_cuda_or_bad_steps(tmp_path):
