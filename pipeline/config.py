@@ -46,6 +46,10 @@ class DataConfig:
     shuffle_buffer: int = 2048  # DALI initial_fill / webdataset shuffle buffer (shards are pre-shuffled)
     seed: int = 0  # base seed; the loader re-seeds every epoch from (seed, epoch)
     skip_corrupt: bool = False  # skip undecodable samples at read time instead of failing
+    # GPU ("mixed") decoding: size nvJPEG's and the hardware decoder's buffers up front for ImageNet's
+    # largest image (DALI's ResNet-50 example) so that no epoch reallocates; off for small images,
+    # where those buffers only cost memory and pipeline build time.
+    dali_preallocate: bool = True
 
     def __post_init__(self) -> None:
         checks = {

@@ -127,6 +127,7 @@ class DaliLoader:
             half=self.cfg.dtype == "float16",
             shuffle_buffer=self.cfg.shuffle_buffer,
             windows=unmirrored(self.plan),
+            preallocate=self.cfg.dali_preallocate,
         )
 
     def _build(self, epoch: int):

@@ -52,6 +52,7 @@ class PipelineSpec:
     half: bool  # float16 output instead of float32
     shuffle_buffer: int
     windows: tuple[CropWindow, ...] = ()  # multi-crop windows to cut (mirrors are added by the loader)
+    preallocate: bool = True  # "mixed": pre-size decoder buffers (DataConfig.dali_preallocate)
 
 
 def read_samples(spec: PipelineSpec, train: bool):
@@ -78,18 +79,16 @@ def read_samples(spec: PipelineSpec, train: bool):
 
 
 def _decode(jpegs, spec: PipelineSpec, train: bool):
-    gpu = spec.decoder_device == "mixed"
-    extra = (
-        {
-            "device_memory_padding": DEVICE_MEMORY_PADDING,
-            "host_memory_padding": HOST_MEMORY_PADDING,
-            "hw_decoder_load": HW_DECODER_LOAD,
-            "preallocate_width_hint": PREALLOCATE_WIDTH_HINT,
-            "preallocate_height_hint": PREALLOCATE_HEIGHT_HINT,
-        }
-        if gpu
-        else {}
-    )
+    extra = {}
+    if spec.decoder_device == "mixed":
+        extra["hw_decoder_load"] = HW_DECODER_LOAD
+        if spec.preallocate:
+            extra.update(
+                device_memory_padding=DEVICE_MEMORY_PADDING,
+                host_memory_padding=HOST_MEMORY_PADDING,
+                preallocate_width_hint=PREALLOCATE_WIDTH_HINT,
+                preallocate_height_hint=PREALLOCATE_HEIGHT_HINT,
+            )
     if train:
         return fn.decoders.image_random_crop(
             jpegs,

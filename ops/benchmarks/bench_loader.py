@@ -107,12 +107,22 @@ class LoaderTimer:
         import torch
 
         self.loader.set_epoch(epoch)
+        cuda = self.device.startswith("cuda")
         images, start, cpu = 0, time.perf_counter(), cpu_seconds()
+        first_images, first_at = 0, None
         for x, _ in self.loader:
             images += x.shape[0]
-        if self.device.startswith("cuda"):
+            if first_at is None:  # the epoch's start: pipeline build (nvJPEG buffers) + queue fill
+                if cuda:
+                    torch.cuda.synchronize()
+                first_images, first_at = images, time.perf_counter()
+        if cuda:
             torch.cuda.synchronize()
-        return images, time.perf_counter() - start, cpu_seconds() - cpu
+        end = time.perf_counter()
+        # steady state: after the first batch, what an epoch of a real dataset's length runs at
+        self.steady_rate = (images - first_images) / max(end - first_at, 1e-9) if first_at else 0.0
+        self.start_s = (first_at or end) - start
+        return images, end - start, cpu_seconds() - cpu
 
 
 class PipeTimer:
@@ -175,20 +185,28 @@ def run_rounds(cfg: DataConfig, device: str, wanted: list[str], rounds: int) -> 
     timers = {name: make_timer(name, cfg, device) for name in wanted}
     wall: dict[str, list[float]] = {name: [] for name in wanted}
     per_cpu: dict[str, list[float]] = {name: [] for name in wanted}
-    for r in tqdm(range(rounds), desc="rounds"):
+    steady: dict[str, list[float]] = {name: [] for name in wanted}
+    starts: dict[str, list[float]] = {name: [] for name in wanted}
+    for r in tqdm(range(rounds), desc="rounds", disable=not sys.stderr.isatty()):
         for name, timer in timers.items():
             n, seconds, cpu = timer.epoch(r + 1)
             wall[name].append(n / seconds)
             per_cpu[name].append(n / max(cpu, 1e-9))
-    return {
-        name: {
+            if hasattr(timer, "steady_rate"):  # make_loader epochs: also without the epoch start
+                steady[name].append(timer.steady_rate)
+                starts[name].append(timer.start_s)
+    out = {}
+    for name in wanted:
+        out[name] = {
             "pipeline": PIPELINES[name],
             "wall_rates": wall[name],
             "images_per_s": statistics.median(wall[name]),
             "images_per_cpu_s": statistics.median(per_cpu[name]),
         }
-        for name in wanted
-    }
+        if steady[name]:
+            out[name]["steady_images_per_s"] = statistics.median(steady[name])
+            out[name]["epoch_start_s"] = statistics.median(starts[name])
+    return out
 
 
 def ratios(results: dict) -> list[tuple[str, str, str, float]]:
