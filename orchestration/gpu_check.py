@@ -644,8 +644,9 @@ def step_multicrop(ctx: Context) -> StepResult:
     for crops in (1, 10, 144):
         split = "val144" if crops == 144 else "val"
         log(f"multicrop: {crops} crop(s) on split {split}")
-        if ctx.cuda:  # warm-up: cuDNN autotuning for this batch shape, nvJPEG, page cache
-            evaluate_multicrop(
+
+        def run(crops=crops, split=split):
+            table = evaluate_multicrop(
                 members,
                 str(shards),
                 data=data,
@@ -656,22 +657,14 @@ def step_multicrop(ctx: Context) -> StepResult:
                 progress=False,
                 member_counts=(2,),
             )
+            if ctx.cuda:
+                torch.cuda.synchronize()
+            return table
+
         if ctx.cuda:
-            torch.cuda.synchronize()
+            run()  # warm-up: cuDNN autotuning for this batch shape, nvJPEG, page cache
         start = time.perf_counter()
-        table = evaluate_multicrop(
-            members,
-            str(shards),
-            data=data,
-            split=split,
-            crops=(crops,),
-            batch_size=z.mc_batch,
-            device=ctx.device,
-            progress=False,
-            member_counts=(2,),
-        )
-        if ctx.cuda:
-            torch.cuda.synchronize()
+        table = run()
         seconds = time.perf_counter() - start
         rows[str(crops)] = {
             "images": table.num_samples,

@@ -54,16 +54,15 @@ def _setup(**settings):
     model = _TwoHead()
     opt = RMSpropTF(model.parameters(), lr=0.1)
     sched = LrSchedule(opt, 0.1, 6, ScheduleConfig(), 0.0)
-    s = LoopSettings(
+    base = dict(
         device=torch.device("cpu"),
         amp_dtype=None,
         channels_last=False,
         aux_weights=(0.4,),
         label_smoothing=0.1,
         clip_grad_norm=2.0,
-        **settings,
     )
-    return model, opt, sched, s
+    return model, opt, sched, LoopSettings(**{**base, **settings})
 
 
 def test_epoch_metrics_and_log_cadence():
@@ -112,17 +111,8 @@ def test_max_steps_and_failure_injection(tmp_path):
 
 
 def test_grad_norm_is_logged_before_clipping():
-    model, opt, sched, _ = _setup()
-    s = LoopSettings(
-        device=torch.device("cpu"),
-        amp_dtype=None,
-        channels_last=False,
-        aux_weights=(0.4,),
-        label_smoothing=0.1,
-        clip_grad_norm=0.0,  # off: the gradients stay as computed, so they can be read back
-        log_every=1,
-        max_steps=1,
-    )
+    # clipping off: the gradients stay as computed, so they can be read back
+    model, opt, sched, s = _setup(clip_grad_norm=0.0, log_every=1, max_steps=1)
     logs = []
     train_one_epoch(model, _SlowLoader(), opt, sched, None, model, s, 0, on_log=lambda m, k: logs.append(m))
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
