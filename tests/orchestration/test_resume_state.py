@@ -56,7 +56,7 @@ def _step(model, opt, sched, ema, x):
     opt.step()
     sched.step()
     ema.update(model)
-    return float(loss)
+    return float(loss.detach())
 
 
 def test_restore_training_state_continues_bit_exactly(tmp_path):
