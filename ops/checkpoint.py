@@ -13,11 +13,16 @@ is what ``ray.train.Checkpoint.from_directory`` wraps. The file holds::
     class_names     list of class names, index order
     metrics         last validation metrics (dict)
     extra           anything else the trainer needs to resume (RNG state, data position)
+
+Only tensors and plain Python data (dict, list, tuple, str, int, float, bool, None) go in: the file
+is read with ``torch.load(weights_only=True)``, which refuses anything else, so loading a checkpoint
+from anywhere (``--model DIR``, a ``runs:/`` download, a resume) cannot run code from the file.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,9 +78,19 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     if not path.is_file():
         raise CheckpointError(f"no {CHECKPOINT_FILE} in {directory}: not a checkpoint directory")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: tensors and plain data only; a file that holds anything else (a pickled object
+        # whose loading would run code) is refused, so a checkpoint handed to us cannot execute code
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: refused: it holds objects other than tensors and plain data, and loading them "
+            f"could run code ({first[:200]}). Checkpoints written by this package never do"
+        ) from None
     except Exception as exc:  # truncated or foreign file
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({exc})") from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this format (a {type(payload).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this format (missing {missing})")

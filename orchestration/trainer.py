@@ -42,7 +42,14 @@ class MemberResult:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every random stream of this process as tensors and plain Python values, the only things a
+    checkpoint may hold (it is read with ``weights_only=True``): numpy's key array as a tensor."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),  # (version, tuple of ints, None)
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -56,8 +63,11 @@ def _byte_tensor(state: Any) -> torch.Tensor:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(_byte_tensor(state["torch"]))
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.cpu().numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
     if "cuda" in state and torch.cuda.is_available():
         cuda = [_byte_tensor(t) for t in state["cuda"]]
         if len(cuda) == torch.cuda.device_count():

@@ -120,7 +120,7 @@ def test_predict_takes_uint8_arrays_and_raw_weights_are_not_exported(model, chec
     np.testing.assert_allclose(np.stack(from_array["probabilities"]), from_jpeg_decoded.numpy(), atol=1e-5)
     fc = ens.members[0].fc.weight
     assert torch.equal(
-        fc, torch.load(checkpoints[0] / "checkpoint.pt", weights_only=False)["ema"]["fc.weight"]
+        fc, torch.load(checkpoints[0] / "checkpoint.pt", weights_only=True)["ema"]["fc.weight"]
     )
 
 

@@ -1,0 +1,65 @@
+"""The one checkpoint format is plain data read with ``weights_only=True``: a crafted file cannot run
+code through any loader of it (evaluation ``--model DIR``, registry, resume)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ops.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from orchestration.trainer import _rng_state, _set_rng_state
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")``: what an attacker's checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _payload(**extra):
+    return {
+        "model_spec": {"name": "inception_v3", "num_classes": 3, "options": {}},
+        "model": {"w": torch.ones(2)},
+        "ema": {"w": torch.ones(2)},
+        "optimizer": {},
+        "scheduler": {},
+        "epoch": 1,
+        "step": 4,
+        "config": {"data": {"crop_area": (0.08, 1.0)}},
+        "class_names": ["a", "b", "c"],
+        "extra": {"rng": [_rng_state()], **extra},
+    }
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path):
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save(dict(_payload(), format_version=1, metrics=_Payload(str(marker))), folder / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="refused: it holds objects other than tensors"):
+        load_checkpoint(folder)
+    assert not marker.exists()  # the payload did not run (it did with weights_only=False)
+    with open(folder / "checkpoint.pt", "wb") as fh:  # not even torch's zip format: a bare pickle
+        pickle.dump(_Payload(str(marker)), fh)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(folder)
+    assert not marker.exists()
+
+
+def test_checkpoints_we_write_round_trip_with_rng_states(tmp_path):
+    np.random.seed(7)
+    random.seed(7)
+    save_checkpoint(tmp_path, _payload())
+    expected = (np.random.rand(3).tolist(), random.random(), torch.rand(2).tolist())
+    payload = load_checkpoint(tmp_path)  # weights_only=True
+    assert payload["config"] == {"data": {"crop_area": (0.08, 1.0)}} and payload["step"] == 4
+    _set_rng_state(payload["extra"]["rng"][0])
+    assert (np.random.rand(3).tolist(), random.random(), torch.rand(2).tolist()) == expected
