@@ -67,7 +67,6 @@ TARGETS = {
     "loader_wait_frac": 0.03,
     "peer_logits_rel_err": 1e-4,
 }
-STEP_NAMES = ("gpu-tests", "loader", "train-step", "peers", "end-to-end", "multicrop")
 
 
 @dataclass(frozen=True)
@@ -86,6 +85,10 @@ class Sizes:
     mc_batch: int  # images per multi-crop batch (lowered by crops_per_batch for 144 crops)
     mc_repeat: int  # val split for 1 and 10 crops = source images x this
     threads: int
+
+    @property
+    def val_resize(self) -> int:
+        return round(self.image_size / 0.875)  # torchvision/timm: centre crop = 87.5 % of the shorter side
 
 
 def full_sizes(threads: int) -> Sizes:
@@ -134,6 +137,22 @@ class Context:
         if not (folder / "manifest.json").exists():
             repeat_shards(self.source_shards, folder, splits)
         return folder
+
+    def train_data(self, name: str, min_images: int, batch: int, **overrides):
+        """``(DataConfig, epoch images)`` of a train split replicated to at least ``min_images``."""
+        from pipeline.config import DataConfig
+
+        repeat = max(1, math.ceil(min_images / self.source_count()))
+        z = self.sizes
+        cfg = DataConfig(
+            shards=str(self.shards(name, {"train": ("train", repeat)})),
+            batch_size=batch,
+            image_size=z.image_size,
+            val_resize=z.val_resize,
+            num_threads=z.threads,
+            **overrides,
+        )
+        return cfg, repeat * self.source_count()
 
     def source_count(self) -> int:
         from pipeline.schema import load_manifest
@@ -249,19 +268,10 @@ def _epoch_start_s(cfg, device: str) -> float:
 
 def step_loader(ctx: Context) -> StepResult:
     from ops.benchmarks.bench_loader import run_rounds
-    from pipeline.config import DataConfig
 
     z = ctx.sizes
-    repeat = max(1, math.ceil(z.loader_epoch_images / ctx.source_count()))
-    shards = ctx.shards("loader", {"train": ("train", repeat)})
-    cfg = DataConfig(
-        shards=str(shards),
-        batch_size=z.loader_batch,
-        image_size=z.image_size,
-        val_resize=round(z.image_size / 0.875),
-        num_threads=z.threads,
-    )
-    figures = {"threads": z.threads, "batch": z.loader_batch, "epoch_images": repeat * ctx.source_count()}
+    cfg, epoch_images = ctx.train_data("loader", z.loader_epoch_images, z.loader_batch)
+    figures = {"threads": z.threads, "batch": z.loader_batch, "epoch_images": epoch_images}
     rates = {}
     steady = {}  # make_loader epochs after their first batch: what a long (real) epoch runs at
     if ctx.cuda:
@@ -526,19 +536,14 @@ def step_end_to_end(ctx: Context) -> StepResult:
     from orchestration.step_bench import STEP_SETTINGS, loop_settings_for
     from orchestration.trainer import _rng_state, restore_training_state
     from pipeline import make_loader
-    from pipeline.config import DataConfig
 
     z = ctx.sizes
     num_classes = ctx.num_classes()
     setting = next(s for s in STEP_SETTINGS if s.name == ("bf16+channels_last" if ctx.cuda else "float32"))
-    repeat = max(1, math.ceil(z.e2e_steps * z.e2e_batch / ctx.source_count()))
-    shards = ctx.shards("end-to-end", {"train": ("train", repeat)})
-    cfg = DataConfig(
-        shards=str(shards),
-        batch_size=z.e2e_batch,
-        image_size=z.image_size,
-        val_resize=round(z.image_size / 0.875),
-        num_threads=z.threads,
+    cfg, _ = ctx.train_data(
+        "end-to-end",
+        z.e2e_steps * z.e2e_batch,
+        z.e2e_batch,
         layout="NHWC" if setting.channels_last else "NCHW",
     )
     if ctx.cuda:
@@ -631,7 +636,7 @@ def step_multicrop(ctx: Context) -> StepResult:
     z = ctx.sizes
     num_classes = ctx.num_classes()
     shards = ctx.shards("multicrop", {"val": ("train", z.mc_repeat), "val144": ("train", 1)})
-    data = DataConfig(image_size=z.image_size, val_resize=round(z.image_size / 0.875))
+    data = DataConfig(image_size=z.image_size, val_resize=z.val_resize)
     torch.manual_seed(0)
     calib = torch.randn(8, 3, z.image_size, z.image_size, device=ctx.device)
     members = [
@@ -683,6 +688,7 @@ STEPS: dict[str, tuple[Callable[[Context], StepResult], bool]] = {  # name -> (f
     "end-to-end": (step_end_to_end, False),
     "multicrop": (step_multicrop, False),
 }
+STEP_NAMES = tuple(STEPS)  # run in this order
 
 
 # --- running and reporting -----------------------------------------------------------------------
