@@ -875,7 +875,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.prepare:
-        out = prepare_shards(Path(args.prepare), args.images, Path(args.shards or DEFAULT_SHARDS))
+        try:
+            out = prepare_shards(Path(args.prepare), args.images, Path(args.shards or DEFAULT_SHARDS))
+        except (OSError, ValueError) as exc:  # missing source, too few images, foreign files: one line
+            print(f"error: --prepare {args.prepare}: {exc}", file=sys.stderr)
+            return 1
         size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
         print(f"prepared {out} ({args.images} images, {size:.1f} MiB)")
         return 0
