@@ -17,15 +17,17 @@ ensemble size). ``evaluate_multicrop`` is the Python API used by the registry.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+from pipeline.progress import progress as progress_bar
 
 PAPER_CROPS = (1, 10, 144)  # paper §8 / Tables 4-5: single crop, 10 crops, 144 crops
 # Crops per forward pass. Inception-v3's largest activation at 299 px is 64 x 147 x 147 float32 =
@@ -41,15 +43,81 @@ def crops_per_batch(device_type: str, image_size: int) -> int:
     return max(1, base * (REFERENCE_SIZE * REFERENCE_SIZE) // (image_size * image_size))
 
 
+def binomial_stderr(error: float, n: int) -> float:
+    """One standard error of an error rate measured on ``n`` images (binomial)."""
+    return math.sqrt(max(error * (1 - error), 0.0) / n) if n > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Top-1 error of cell ``a`` minus cell ``b``, paired on the same ``n`` images, with its standard
+    error (from the per-image differences): a change is only read as one beyond two standard errors."""
+
+    a: tuple[int, int]  # (members, crops)
+    b: tuple[int, int]
+    diff: float
+    stderr: float
+    n: int
+
+    @property
+    def significant(self) -> bool:
+        return abs(self.diff) > 2 * self.stderr
+
+    def describe(self) -> str:
+        (ka, ca), (kb, cb) = self.a, self.b
+        what = (
+            f"{ka} member{'s' if ka > 1 else ''}: {ca} vs {cb} crop{'s' if cb > 1 else ''}"
+            if ka == kb
+            else f"{ca} crop{'s' if ca > 1 else ''}: {ka} vs {kb} member{'s' if kb > 1 else ''}"
+        )
+        verdict = "beyond 2 SE" if self.significant else "within noise"
+        change = f"{100 * self.diff:+.2f} ± {100 * self.stderr:.2f} points"
+        return f"{what}: {change} on {self.n} images ({verdict})"
+
+
 @dataclass(frozen=True)
 class EvalTable:
-    """Top-1/top-5 error (fractions) per (members k, crops) cell on ``num_samples`` images."""
+    """Top-1/top-5 error (fractions) per (members k, crops) cell.
+
+    ``num_samples`` images were read for every crop setting, except those in ``samples``, which
+    were evaluated on the first ``samples[c]`` images of the same read order (a documented subset,
+    e.g. for 144 crops on a CPU). ``hits`` holds, per cell, each image's top-1 hit in read order:
+    with it, differences between cells are measured on the same images (:meth:`differences`)."""
 
     member_counts: tuple[int, ...]
     crops: tuple[int, ...]
     top1: dict[tuple[int, int], float]
     top5: dict[tuple[int, int], float]
     num_samples: int
+    samples: dict[int, int] = field(default_factory=dict)
+    hits: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def images(self, crops: int) -> int:
+        return self.samples.get(crops, self.num_samples)
+
+    def stderr(self, cell: tuple[int, int], top: int = 1) -> float:
+        return binomial_stderr((self.top1 if top == 1 else self.top5)[cell], self.images(cell[1]))
+
+    def difference(self, a: tuple[int, int], b: tuple[int, int]) -> Difference | None:
+        """Paired top-1 difference of cells ``a`` and ``b`` on the images both saw (None without hits)."""
+        if a not in self.hits or b not in self.hits:
+            return None
+        n = min(len(self.hits[a]), len(self.hits[b]))
+        d = self.hits[b][:n].double() - self.hits[a][:n].double()  # error(a) - error(b) per image
+        mean = float(d.mean())
+        se = math.sqrt(max(float((d * d).mean()) - mean * mean, 0.0) / n) if n > 1 else float("nan")
+        return Difference(a, b, mean, se, n)
+
+    def differences(self) -> list[Difference]:
+        """More crops vs the first crop setting (per ensemble size), and k members vs the first
+        ensemble size (per crop setting): the comparisons Tables 4-5 of the paper are read for."""
+        out = []
+        c0, k0 = self.crops[0], self.member_counts[0]
+        for k in self.member_counts:
+            out += [self.difference((k, c), (k, c0)) for c in self.crops[1:]]
+        for c in self.crops:
+            out += [self.difference((k, c), (k0, c)) for k in self.member_counts[1:]]
+        return [d for d in out if d is not None]
 
     def to_markdown(self) -> str:
         head = "| members | " + " | ".join(
@@ -57,34 +125,55 @@ class EvalTable:
         )
         lines = [head + " |", "|---|" + "---|" * len(self.crops)]
         for k in self.member_counts:
-            cells = [f"{100 * self.top1[(k, c)]:.2f} / {100 * self.top5[(k, c)]:.2f}" for c in self.crops]
+            cells = [
+                f"{100 * self.top1[(k, c)]:.2f} ± {100 * self.stderr((k, c)):.2f} / "
+                f"{100 * self.top5[(k, c)]:.2f} ± {100 * self.stderr((k, c), 5):.2f}"
+                for c in self.crops
+            ]
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
-        return "\n".join(lines) + f"\n\nerror in %, {self.num_samples} images\n"
+        subsets = [c for c in self.crops if self.images(c) != self.num_samples]
+        note = f"error in %, ± one standard error (binomial), {self.num_samples} images"
+        if subsets:
+            note += "; " + ", ".join(f"{c} crops on the first {self.images(c)} of them" for c in subsets)
+        text = "\n".join(lines) + f"\n\n{note}\n"
+        diffs = self.differences()
+        if diffs:
+            text += "\nTop-1 differences, paired on the same images (± one standard error):\n"
+            text += "".join(f"- {d.describe()}\n" for d in diffs)
+        return text
 
     def metrics(self) -> dict[str, float]:
         out = {}
         for (k, c), v in self.top1.items():
             out[f"top1_error_m{k}_c{c}"] = v
             out[f"top5_error_m{k}_c{c}"] = self.top5[(k, c)]
+            out[f"top1_error_se_m{k}_c{c}"] = self.stderr((k, c))
         return out
 
 
-def correct_counts(member_probs: torch.Tensor, labels: torch.Tensor, member_counts: Sequence[int]):
-    """Top-1 and top-5 hits of the ensembles of the first k members, for each k.
+def image_hits(member_probs: torch.Tensor, labels: torch.Tensor, member_counts: Sequence[int]):
+    """Per image, whether the ensemble of the first k members has its label in the top 1 / top 5.
 
     member_probs: [M, B, C] per-member probabilities (already averaged over crops); labels: [B].
-    Returns two dicts k -> number of correct images in this batch.
+    Returns a dict k -> (top-1 hits [B] bool, top-5 hits [B] bool) on the CPU.
     """
     cumulative = member_probs.cumsum(dim=0)  # [M, B, C]: sum over the first k members at row k-1
     labels = labels.to(member_probs.device).long()
-    top1, top5 = {}, {}
+    out = {}
     for k in member_counts:
         probs = cumulative[k - 1] / k  # [B, C]
         topk = probs.topk(min(5, probs.shape[1]), dim=1).indices  # [B, 5]
         hits = topk == labels[:, None]
-        top1[k] = int(hits[:, 0].sum())
-        top5[k] = int(hits.any(dim=1).sum())
-    return top1, top5
+        out[k] = (hits[:, 0].cpu(), hits.any(dim=1).cpu())
+    return out
+
+
+def correct_counts(member_probs: torch.Tensor, labels: torch.Tensor, member_counts: Sequence[int]):
+    """Top-1 and top-5 hits of the ensembles of the first k members, for each k: two dicts
+    k -> number of correct images in this batch."""
+    hits = image_hits(member_probs, labels, member_counts)
+    top1 = {k: int(h1.sum()) for k, (h1, _) in hits.items()}
+    return top1, {k: int(h5.sum()) for k, (_, h5) in hits.items()}
 
 
 @torch.no_grad()
@@ -122,6 +211,7 @@ def evaluate_multicrop(
     device: str | torch.device | None = None,
     progress: bool = True,
     amp: str = "auto",
+    max_images: dict[int, int] | None = None,
 ) -> EvalTable:
     """Top-1/top-5 error of the ensembles of the first k ``members`` for every k in ``member_counts``
     (default 1..N) and every crop setting, on ``split`` of ``shards``.
@@ -130,7 +220,8 @@ def evaluate_multicrop(
     normalization); ``batch_size`` is images per batch, lowered for many crops so that a batch
     holds at most crops_per_batch(device, image_size) crops. ``amp``: "auto" runs the networks in
     bfloat16 autocast and channels-last memory on CUDA (as training does), float32 on CPU;
-    "bf16" / "off" force it.
+    "bf16" / "off" force it. ``max_images`` ({crops: n}) evaluates those crop settings on the first
+    n images of the split only (the same images for every setting: the read order is fixed).
     """
     from pipeline import make_multicrop_loader
 
@@ -151,31 +242,55 @@ def evaluate_multicrop(
     amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and on_gpu) else None
     memory_format = torch.channels_last if on_gpu else torch.preserve_format  # loader: NHWC on CUDA
     members = [m.to(device, memory_format=memory_format).eval() for m in members]
-    top1, top5, num_samples = {}, {}, None
+    limits = {int(c): int(n) for c, n in (max_images or {}).items() if c in crops}
+    top1, top5, hits, samples, full, labels_seen = {}, {}, {}, {}, None, None
     for c in crops:
         cfg = _data_config(data, shards, 1, backend)
         images_per_batch = max(1, min(batch_size, crops_per_batch(device.type, cfg.image_size) // c))
         cfg = _data_config(data, shards, images_per_batch, backend)
         loader = make_multicrop_loader(cfg, split, c, 0, 1, device)
-        hits1, hits5, seen = dict.fromkeys(member_counts, 0), dict.fromkeys(member_counts, 0), 0
-        for images, labels in tqdm(
-            loader, total=len(loader), desc=f"{c} crop(s)", unit="batch", disable=not progress
+        limit = limits.get(c)
+        h1 = {k: [] for k in member_counts}
+        h5 = {k: [] for k in member_counts}
+        labels_c, seen = [], 0
+        total = len(loader) if limit is None else min(len(loader), -(-limit // images_per_batch))
+        for images, labels in progress_bar(
+            loader, total=total, desc=f"{c} crop(s)", unit="batch", disable=not progress
         ):
+            if limit is not None:  # the first `limit` images of the read order
+                keep = min(labels.shape[0], limit - seen)
+                images, labels = images[: keep * c], labels[:keep]
             probs = _member_crop_probabilities(members, images.to(device, torch.float32), c, amp_dtype)
-            b1, b5 = correct_counts(probs, labels, member_counts)
-            for k in member_counts:
-                hits1[k] += b1[k]
-                hits5[k] += b5[k]
+            for k, (b1, b5) in image_hits(probs, labels, member_counts).items():
+                h1[k].append(b1)
+                h5[k].append(b5)
+            labels_c.append(labels.cpu().long())
             seen += labels.shape[0]
+            if limit is not None and seen >= limit:
+                break
         if seen == 0:
             raise ValueError(f"split {split!r} of {shards} yielded no images")
-        if num_samples is not None and seen != num_samples:
-            raise RuntimeError(f"{c} crops saw {seen} images but an earlier pass saw {num_samples}")
-        num_samples = seen
+        labels_c = torch.cat(labels_c)
+        if limit is None:
+            if full is not None and seen != full:
+                raise RuntimeError(f"{c} crops saw {seen} images but an earlier pass saw {full}")
+            full = seen
+        else:
+            samples[c] = seen
+        # every pass reads the split in the same order: pairing images across cells relies on it
+        if labels_seen is not None:
+            n = min(len(labels_seen), seen)
+            if not torch.equal(labels_seen[:n], labels_c[:n]):
+                raise RuntimeError(f"{c} crops read the images of {split!r} in another order than before")
+        if labels_seen is None or seen > len(labels_seen):
+            labels_seen = labels_c
         for k in member_counts:
-            top1[(k, c)] = 1 - hits1[k] / seen
-            top5[(k, c)] = 1 - hits5[k] / seen
-    return EvalTable(tuple(member_counts), tuple(crops), top1, top5, num_samples)
+            hits[(k, c)] = torch.cat(h1[k])
+            top1[(k, c)] = 1 - float(hits[(k, c)].double().mean())
+            top5[(k, c)] = 1 - float(torch.cat(h5[k]).double().mean())
+    num_samples = full if full is not None else max(samples.values())
+    samples = {c: n for c, n in samples.items() if n != num_samples}
+    return EvalTable(tuple(member_counts), tuple(crops), top1, top5, num_samples, samples, hits)
 
 
 def plot_table(table: EvalTable, path: str | Path) -> Path:
@@ -188,25 +303,22 @@ def plot_table(table: EvalTable, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, k in enumerate(table.member_counts):
         color = f"C{i}"
-        ax.plot(
-            table.crops,
-            [100 * table.top1[(k, c)] for c in table.crops],
-            "o-",
-            color=color,
-            label=f"{k} model(s) top-1",
-        )
-        ax.plot(
-            table.crops,
-            [100 * table.top5[(k, c)] for c in table.crops],
-            "s--",
-            color=color,
-            label=f"{k} model(s) top-5",
-        )
+        for top, values, fmt in ((1, table.top1, "o-"), (5, table.top5, "s--")):
+            ax.errorbar(
+                table.crops,
+                [100 * values[(k, c)] for c in table.crops],
+                yerr=[100 * table.stderr((k, c), top) for c in table.crops],  # one standard error
+                fmt=fmt,
+                color=color,
+                capsize=3,
+                label=f"{k} model(s) top-{top}",
+            )
     ax.set_xscale("log")
     ax.set_xticks(table.crops, [str(c) for c in table.crops])
     ax.set_xlabel("crops per image")
     ax.set_ylabel("error (%)")
-    ax.set_title(f"multi-crop evaluation, {table.num_samples} images")
+    subset = "".join(f", {c} crops: first {table.images(c)}" for c in table.crops if c in table.samples)
+    ax.set_title(f"multi-crop evaluation, {table.num_samples} images{subset} (bars: ±1 SE)", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -241,6 +353,7 @@ def log_table(
                     "crops": ",".join(map(str, table.crops)),
                     "num_samples": table.num_samples,
                     "member_counts": ",".join(map(str, table.member_counts)),
+                    **{f"images_c{c}": n for c, n in table.samples.items()},
                 }
             )
             mlflow.log_metrics(table.metrics())
@@ -297,6 +410,17 @@ def parse_crops(text: str) -> list[int]:
     return crops
 
 
+def parse_subset(text: str) -> tuple[int, int]:
+    """ "144=200" -> (144, 200): evaluate 144 crops on the first 200 images only."""
+    try:
+        crops, n = (int(x) for x in text.split("="))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--subset {text!r}: use CROPS=IMAGES, e.g. 144=200") from exc
+    if crops not in PAPER_CROPS or n < 1:
+        raise argparse.ArgumentTypeError(f"--subset {text!r}: crops must be 1, 10 or 144 and images >= 1")
+    return crops, n
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="inception-evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -314,6 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--backend", choices=("dali", "torch"), default="dali", help="loader backend (default dali)"
     )
+    p.add_argument(
+        "--subset",
+        type=parse_subset,
+        action="append",
+        default=[],
+        metavar="CROPS=IMAGES",
+        help="evaluate that crop setting on the first IMAGES images of the split only (the same images "
+        "for every setting), e.g. --subset 144=200; repeatable",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (fewer when crops are many)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument(
@@ -324,7 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", default="inception-evaluate")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    from ops.tracking import quiet_mlflow_console
     from pipeline.schema import ShardFormatError, load_manifest
+
+    quiet_mlflow_console()  # no download bar per registry artifact
 
     try:
         shard_names = load_manifest(args.shards).class_names
@@ -344,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             backend=args.backend,
             device=args.device,
             progress=not args.no_progress,
+            max_images=dict(args.subset),
         )
     except (ValueError, RuntimeError, ShardFormatError, OSError) as exc:
         print(f"inception-evaluate: error: {exc}", file=sys.stderr)

@@ -37,6 +37,7 @@ from ops.ensemble_model import CONFIG_ARTIFACT, DEFAULT_TOP_K, IMAGE_COLUMN, Ens
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 DEFAULT_EXPERIMENT = "inception-registry"
+MODEL_CODE = Path(__file__).with_name("ensemble_model_code.py")  # the pyfunc, logged as code
 ENSEMBLE_CONFIG_VERSION = 1
 # Packages the served model imports. torch is a floor, never a local "+cpu" build, so a GPU
 # machine keeps its CUDA wheel and a CPU machine installs the CPU one (DESIGN.md facts).
@@ -265,7 +266,7 @@ def register_ensemble(
                 mlflow.log_metrics(metrics)
             info = mlflow.pyfunc.log_model(
                 name="ensemble",
-                python_model=EnsembleModel(),
+                python_model=str(MODEL_CODE),  # models from code: nothing of ours is pickled
                 artifacts=artifacts,
                 code_paths=_code_paths(),
                 pip_requirements=PIP_REQUIREMENTS,

@@ -24,6 +24,24 @@ MAX_PARAM_LENGTH = 6000  # MLflow 3 param value limit (mlflow.utils.validation.M
 CURVE_KEYS = ("train_loss", "val_loss", "val_top1", "val_ema_top1")
 
 
+# MLflow's console defaults are made for notebooks: a tqdm bar per artifact download, a "View run"
+# URL on stdout per finished run, INFO lines from model logging. In our jobs' logs they bury the
+# training lines, so our entry points lower them (as defaults: a user's own setting wins).
+MLFLOW_QUIET_ENV = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+}
+
+
+def quiet_mlflow_console(environ: dict | None = None) -> None:
+    """Set :data:`MLFLOW_QUIET_ENV` where the environment does not say otherwise (before MLflow is
+    imported, or its loggers keep the level they were configured with)."""
+    env = os.environ if environ is None else environ
+    for key, value in MLFLOW_QUIET_ENV.items():
+        env.setdefault(key, value)
+
+
 def resolve_tracking_uri(configured: str, storage_path: str) -> str:
     if configured:
         return configured

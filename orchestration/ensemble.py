@@ -15,6 +15,7 @@ run's latest checkpoint.
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +186,17 @@ def register_members(
     return version, decision, ""
 
 
+def timings_file(cfg: TrainConfig) -> Path:
+    return Path(cfg.checkpoint.storage_path) / f"{cfg.checkpoint.name}.timings.json"
+
+
+def write_timings(cfg: TrainConfig, timings: dict[str, float]) -> None:
+    """Wall seconds per stage of the job (``member <i>``, ``registration``), for the caller's time table."""
+    path = timings_file(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=2))
+
+
 def run_training(cfg: TrainConfig, repo_root: str | Path) -> TrainingOutcome:
     """Train every member to the end, then register them; Ray must already be initialised."""
     from ops.tracking import RunTracker, resolve_tracking_uri
@@ -199,18 +211,29 @@ def run_training(cfg: TrainConfig, repo_root: str | Path) -> TrainingOutcome:
         f"tracking {uri}; checkpoints under {cfg.checkpoint.storage_path}",
         flush=True,
     )
-    jobs = [(cfg.for_member(i), i, run_ids[i], uri) for i in range(n)]
+    # members_after: the waves of members still to come after member i's, for its ETA line
+    jobs = [(cfg.for_member(i), i, run_ids[i], uri, (n - 1 - i) // slots) for i in range(n)]
+    timings: dict[str, float] = {}
+
+    def fit(job) -> MemberResult:
+        start = time.monotonic()
+        result = fit_member(*job)
+        timings[f"member {job[1]}"] = time.monotonic() - start
+        return result
+
     if slots == 1:
-        members = tuple(fit_member(*job) for job in jobs)
+        members = tuple(fit(job) for job in jobs)
     else:
         with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="member") as pool:
-            members = tuple(pool.map(lambda job: fit_member(*job), jobs))
+            members = tuple(pool.map(fit, jobs))
     for run_id in run_ids:
         RunTracker(uri, run_id).set_terminated("FINISHED")
     version = decision = None
     note = ""
     if cfg.ensemble.register:
+        start = time.monotonic()
         version, decision, note = register_members(cfg, members, uri, parent)
+        timings["registration"] = time.monotonic() - start
         if note:
             print(f"note: {note}")
         else:
@@ -218,6 +241,7 @@ def run_training(cfg: TrainConfig, repo_root: str | Path) -> TrainingOutcome:
                 f"registered {cfg.ensemble.model_name} version {version.version}"
                 + (f"; promotion: {decision.reason}" if decision is not None else "")
             )
+    write_timings(cfg, timings)
     if parent:
         tracker = RunTracker(uri, parent)
         tracker.set_tags({"registered_version": getattr(version, "version", None)})

@@ -23,6 +23,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script path: make the repo's pack
     sys.path.insert(0, str(REPO_ROOT))
 
 from orchestration.config import ConfigError, load_config, to_yaml  # noqa: E402
+from orchestration.console import quiet_defaults  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,15 +57,26 @@ def _inside_ray_working_dir_copy(path: str) -> bool:
     return "runtime_resources" in Path(path).parts or "/runtime_resources/" in path
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def init_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to ``address`` / ``$RAY_ADDRESS``, else start a local Ray instance bound to 127.0.0.1
+    only (as ``ops.cluster`` does): without it Ray's GCS and raylet advertise and listen on the
+    machine's external address, reachable by anyone on the network."""
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:
+        # read when ray is imported: node addresses come from the loopback (DESIGN.md facts)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    kwargs: dict = {"include_dashboard": False} if not (address or os.environ.get("RAY_ADDRESS")) else {}
+    kwargs: dict = {}
     if address:
         kwargs["address"] = address
-    elif not os.environ.get("RAY_ADDRESS"):
+    elif local:
+        kwargs.update(include_dashboard=False, _node_ip_address=LOOPBACK)
         # Local instance: workers import our packages from this checkout.
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
         if num_cpus:
@@ -74,6 +86,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_defaults()  # before Ray and MLflow are imported: one line per epoch, no library chatter
     try:
         cfg = load_config(args.config, args.overrides, root=args.root)
     except ConfigError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from orchestration.config import TrainConfig, flatten, to_yaml
+from orchestration.console import TRAIN_LOG_LEVEL, epoch_line, training_eta
 from orchestration.ema import ModelEma
 from orchestration.loop import LoopSettings, evaluate, train_one_epoch
 from orchestration.optim import build_optimizer
@@ -151,7 +153,8 @@ def loop_settings(
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train ``train_loop_per_worker``; ``loop_config`` = ``{"config": TrainConfig.to_dict(),
-    "mlflow_run_id": ..., "tracking_uri": ...}``."""
+    "mlflow_run_id": ..., "tracking_uri": ..., "member": i, "members_after": k}`` (``members_after``:
+    how many models of the job train after this one, for the console's ETA)."""
     cfg = TrainConfig.from_dict(loop_config["config"])  # typed config first (STYLE.md rule 2)
     import ray.train
     import ray.train.torch
@@ -243,6 +246,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     def on_log(metrics: dict[str, float], step: int) -> None:
         tracker.log_metrics(metrics, step)
 
+    member, members_after = int(loop_config.get("member", 0)), int(loop_config.get("members_after", 0))
+    epoch_times: list[float] = []  # wall time of each epoch run by this process (train, val, report)
+    mark = time.monotonic()
     for epoch in range(start_epoch, cfg.schedule.epochs):
         train_loader.set_epoch(epoch)
         train_metrics, global_step = train_one_epoch(
@@ -298,14 +304,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 )
                 ray_checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-                print(
-                    f"[epoch {epoch + 1}/{cfg.schedule.epochs}] step {global_step} "
-                    f"loss {metrics['train_loss']:.4f} val top-1 {metrics['val_top1']:.4f} "
-                    f"ema top-1 {metrics.get('val_ema_top1', float('nan')):.4f} "
-                    f"{metrics['train_images_per_sec']:.1f} img/s "
-                    f"loader wait {metrics['train_loader_wait_frac']:.1%}",
-                    flush=True,
+                epoch_times.append(time.monotonic() - mark)
+                mark = time.monotonic()
+                eta = training_eta(
+                    epoch_times, cfg.schedule.epochs - epoch - 1, members_after, cfg.schedule.epochs
                 )
+                print(epoch_line(member, epoch + 1, cfg.schedule.epochs, metrics, eta), flush=True)
                 if last:
                     if cfg.tracking.log_checkpoint:
                         tracker.log_artifacts(tmp, "checkpoint")
@@ -374,9 +378,11 @@ def resolve_use_gpu(setting: str) -> bool:
     return have if setting == "auto" else setting == "on"
 
 
-def build_trainer(cfg: TrainConfig, run_id: str | None, tracking_uri: str):
+def build_trainer(
+    cfg: TrainConfig, run_id: str | None, tracking_uri: str, member: int = 0, members_after: int = 0
+):
     """The ``TorchTrainer`` for one model (one ensemble member)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     use_gpu = resolve_use_gpu(cfg.scaling.use_gpu)
@@ -385,7 +391,13 @@ def build_trainer(cfg: TrainConfig, run_id: str | None, tracking_uri: str):
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow_run_id": run_id,
+            "tracking_uri": tracking_uri,
+            "member": member,
+            "members_after": members_after,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
@@ -394,13 +406,18 @@ def build_trainer(cfg: TrainConfig, run_id: str | None, tracking_uri: str):
             storage_path=cfg.checkpoint.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            # Ray Train's per-report INFO lines (the whole metrics dict, per rank, per epoch) off:
+            # the epoch line above says it once (orchestration.console)
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
         ),
     )
 
 
-def fit_member(cfg: TrainConfig, index: int, run_id: str | None, tracking_uri: str) -> MemberResult:
+def fit_member(
+    cfg: TrainConfig, index: int, run_id: str | None, tracking_uri: str, members_after: int = 0
+) -> MemberResult:
     """Train one model to the end (resuming a previous run of the same name) and describe the result."""
-    result = build_trainer(cfg, run_id, tracking_uri).fit()
+    result = build_trainer(cfg, run_id, tracking_uri, index, members_after).fit()
     if result.error is not None:
         raise result.error
     epochs: list[int] = []

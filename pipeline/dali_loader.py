@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-from tqdm import tqdm
 
 from pipeline.config import NORMALIZATIONS, DataConfig, resolve_layout
 from pipeline.dali_pipelines import (
@@ -50,6 +49,7 @@ from pipeline.dali_pipelines import (
 )
 from pipeline.loader import SplitSource, epoch_seed, handle_corrupt_sample
 from pipeline.multicrop import crop_plan, unmirrored
+from pipeline.progress import progress
 
 PIPELINES = {"train": train_pipeline, "eval": eval_pipeline, "multicrop": multicrop_pipeline}
 
@@ -254,7 +254,7 @@ class DaliLoader:
         )
         pipe.build()
         try:
-            for i in tqdm(
+            for i in progress(
                 range(start, stop), desc=f"locating corrupt sample (shard {shard_id})", leave=False
             ):
                 try:

@@ -23,8 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
+from pipeline.progress import progress as progress_bar
 from pipeline.schema import Manifest, ShardInfo, SplitInfo, index_name, shard_name, write_manifest
 from pipeline.shards.classes import SourceError
 from pipeline.shards.images import DEFAULT_QUALITY, ImageOptions, Processed, process_image
@@ -137,8 +136,8 @@ class _ShardCutter:
 def _run(segments, order, disc, jobs_opts, workers, cutter, next_shard, progress, split) -> None:
     positions = [p for seg in segments for p in range(seg.start, seg.end)]
     jobs = ((disc.items[order[p]].locator, jobs_opts) for p in positions)  # lazy: 1.28 M for ImageNet
-    bar = tqdm(total=len(positions), unit="img", desc=f"build-shards {split}", disable=not progress,
-               smoothing=0.05)
+    bar = progress_bar(total=len(positions), unit="img", desc=f"build-shards {split}", disable=not progress,
+                       smoothing=0.05)
     seg_iter = iter(segments)
     seg = next(seg_iter)
     shard = seg.shard if seg.shard is not None else next_shard
@@ -159,7 +158,7 @@ def _run(segments, order, disc, jobs_opts, workers, cutter, next_shard, progress
             cutter.add(item, res, sample)
             done_bytes += len(res.data or b"")
             bar.update(1)
-            bar.set_postfix_str(f"{done_bytes / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s",
+            bar.set_postfix_str(f"{done_bytes / 1e6 / max(bar.elapsed, 1e-9):.1f} MB/s",
                                 refresh=False)
         cutter.flush(seg.shard if seg.shard is not None else shard, seg.end)
 

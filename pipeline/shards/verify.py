@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-from tqdm import tqdm
 
+from pipeline.progress import progress as progress_bar
 from pipeline.schema import SAMPLE_EXTS, ShardFormatError, ShardInfo, decode_lbl, load_manifest
 from pipeline.shards.outdir import foreign_files
 from pipeline.shards.writer import INDEX_VERSION, file_sha256
@@ -172,7 +172,7 @@ def verify_shards(out: str | Path, deep: bool = False, split: str | None = None,
     for name in foreign_files(folder):
         report.warnings.append(f"{name} is not a shard-folder file")
     total = sum(len(i.shards) for i in infos.values())
-    with tqdm(total=total, unit="shard", desc="verify-shards", disable=not progress) as bar:
+    with progress_bar(total=total, unit="shard", desc="verify-shards", disable=not progress) as bar:
         for name, info in infos.items():
             rep = report.splits[name] = SplitReport(shards=len(info.shards), skipped=len(info.skipped))
             keys: set[str] = set()

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ops.evaluate import EvalTable, correct_counts, evaluate_multicrop, main, parse_members
+from ops.evaluate import (
+    EvalTable,
+    binomial_stderr,
+    correct_counts,
+    evaluate_multicrop,
+    main,
+    parse_members,
+    parse_subset,
+)
 from pipeline.config import DataConfig
 from pipeline.multicrop import preprocess_images
 from tests.ops.conftest import IMAGE_SIZE, VAL_RESIZE, members_of, read_split
@@ -96,12 +104,36 @@ def test_table_matches_independent_computation(checkpoints, synthetic_shards, ex
     assert table.num_samples == 16 and table.member_counts == (1, 2, 3) and table.crops == (1, 10)
     assert_matches(table, expected, 16)
     assert 0 < table.top5[(1, 1)] < table.top1[(1, 1)] < 1  # neither figure is degenerate
-    assert sorted(table.metrics()) == sorted(
-        f"top{t}_error_m{k}_c{c}" for t in (1, 5) for k in (1, 2, 3) for c in (1, 10)
-    )
     md = table.to_markdown()
     assert md.splitlines()[0].startswith("| members | 1 crop top-1 / top-5 (%) | 10 crops")
-    assert f"| 3 | {100 * table.top1[(3, 1)]:.2f} / {100 * table.top5[(3, 1)]:.2f} |" in md
+    se1 = 100 * (table.top1[(3, 1)] * (1 - table.top1[(3, 1)]) / 16) ** 0.5  # binomial, by hand
+    se5 = 100 * (table.top5[(3, 1)] * (1 - table.top5[(3, 1)]) / 16) ** 0.5
+    assert (
+        f"| 3 | {100 * table.top1[(3, 1)]:.2f} ± {se1:.2f} / {100 * table.top5[(3, 1)]:.2f} ± {se5:.2f} |"
+        in md
+    )
+    # per-image hits back every cell, and the paired differences are listed under the table
+    for cell, hits in table.hits.items():
+        assert hits.shape == (16,) and abs(1 - hits.double().mean().item() - table.top1[cell]) < 1e-12
+    diffs = table.differences()
+    assert [(d.a, d.b) for d in diffs] == [
+        ((1, 10), (1, 1)),
+        ((2, 10), (2, 1)),
+        ((3, 10), (3, 1)),
+        ((2, 1), (1, 1)),
+        ((3, 1), (1, 1)),
+        ((2, 10), (1, 10)),
+        ((3, 10), (1, 10)),
+    ]
+    for d in diffs:
+        assert d.n == 16 and abs(d.diff - (table.top1[d.a] - table.top1[d.b])) < 1e-12
+        assert d.describe() in md
+    assert sorted(table.metrics()) == sorted(
+        f"top{t}_error{se}_m{k}_c{c}"
+        for t, se in ((1, ""), (5, ""), (1, "_se"))
+        for k in (1, 2, 3)
+        for c in (1, 10)
+    )
 
 
 def test_cli_prints_and_logs_to_mlflow(
@@ -156,6 +188,50 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, checkpoints, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist; build it with `build-shards`" in err
     assert parse_members("1..4") == [1, 2, 3, 4] and parse_members("1,3") == [1, 3]
+
+
+def test_paired_difference_and_standard_errors_by_hand():
+    # 4 images; cell (1, 10) misses images 2 and 3, cell (1, 1) misses images 1, 2 and 3
+    hits = {(1, 1): torch.tensor([1, 0, 0, 0], dtype=torch.bool), (1, 10): torch.tensor([1, 1, 0, 0]).bool()}
+    table = EvalTable((1,), (1, 10), {(1, 1): 0.75, (1, 10): 0.5}, {(1, 1): 0.0, (1, 10): 0.0}, 4, {}, hits)
+    (d,) = table.differences()
+    # per-image error differences (10 minus 1 crop): [0, -1, 0, 0]: mean -0.25, variance 0.1875
+    assert d.diff == -0.25 and abs(d.stderr - (0.1875 / 4) ** 0.5) < 1e-12 and not d.significant
+    assert d.describe() == "1 member: 10 vs 1 crop: -25.00 ± 21.65 points on 4 images (within noise)"
+    assert abs(table.stderr((1, 1)) - (0.75 * 0.25 / 4) ** 0.5) < 1e-12
+    assert binomial_stderr(0.4, 1000) == (0.24 / 1000) ** 0.5  # ~1.5 points on 1,000 images
+    # 100 images, the second cell right on 30 more of them: far beyond two standard errors
+    a = torch.zeros(100, dtype=torch.bool)
+    b = torch.arange(100) < 30
+    big = EvalTable(
+        (1, 2), (1,), {(1, 1): 1.0, (2, 1): 0.7}, {(1, 1): 0, (2, 1): 0}, 100, {}, {(1, 1): a, (2, 1): b}
+    )
+    (d,) = big.differences()
+    assert d.a == (2, 1) and d.b == (1, 1) and abs(d.diff + 0.3) < 1e-12 and d.significant
+    assert "1 crop: 2 vs 1 member: -30.00" in big.to_markdown() and "(beyond 2 SE)" in big.to_markdown()
+
+
+def test_crop_setting_on_a_subset_uses_the_first_images(checkpoints, synthetic_shards):
+    members = members_of(checkpoints[:2])
+    full = evaluate_multicrop(members, str(synthetic_shards), data=DATA, crops=(1, 10), progress=False)
+    part = evaluate_multicrop(
+        members, str(synthetic_shards), data=DATA, crops=(1, 10), progress=False, max_images={10: 5}
+    )
+    assert part.num_samples == 16 and part.samples == {10: 5} and part.images(10) == 5
+    assert part.images(1) == 16 and part.hits[(2, 10)].shape == (5,)
+    for k in (1, 2):
+        assert torch.equal(part.hits[(k, 10)], full.hits[(k, 10)][:5])  # the same 5 images, same outcome
+        assert part.top1[(k, 10)] == 1 - full.hits[(k, 10)][:5].double().mean().item()
+        assert torch.equal(part.hits[(k, 1)], full.hits[(k, 1)])
+    # paired with 1 crop on the 5 images both settings saw
+    d = part.difference((1, 10), (1, 1))
+    assert d.n == 5
+    md = part.to_markdown()
+    assert "16 images; 10 crops on the first 5 of them" in md and "on 5 images" in md
+    assert parse_subset("144=200") == (144, 200)
+    for bad in ("144", "7=10", "144=0", "a=b"):
+        with pytest.raises(Exception, match="--subset"):
+            parse_subset(bad)
 
 
 def test_member_count_beyond_members_is_refused(checkpoints, synthetic_shards):

@@ -94,6 +94,10 @@ def test_register_tags_and_candidate_alias(reg, checkpoints, synthetic_shards):
     assert {"member_0.pt", "member_1.pt", "ensemble_config.json"} <= set(
         os.listdir(os.path.join(local, "artifacts"))
     )
+    # models from code: the pyfunc is our source file, not a CloudPickle of an EnsembleModel object
+    assert "python_model.pkl" not in os.listdir(local)
+    flavor = mlflow.models.Model.load(os.path.join(local, "MLmodel")).flavors["python_function"]
+    assert flavor["model_code_path"].endswith("ensemble_model_code.py")
 
 
 def test_load_by_alias_and_predict_equals_hand_average(model, checkpoints):
