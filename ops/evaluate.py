@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ class EvalTable:
     num_samples: int
     samples: dict[int, int] = field(default_factory=dict)
     hits: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)
+    seconds: dict[int, float] = field(default_factory=dict)  # wall time of each crop setting's pass
 
     def images(self, crops: int) -> int:
         return self.samples.get(crops, self.num_samples)
@@ -243,8 +245,9 @@ def evaluate_multicrop(
     memory_format = torch.channels_last if on_gpu else torch.preserve_format  # loader: NHWC on CUDA
     members = [m.to(device, memory_format=memory_format).eval() for m in members]
     limits = {int(c): int(n) for c, n in (max_images or {}).items() if c in crops}
-    top1, top5, hits, samples, full, labels_seen = {}, {}, {}, {}, None, None
+    top1, top5, hits, samples, seconds, full, labels_seen = {}, {}, {}, {}, {}, None, None
     for c in crops:
+        started = time.monotonic()
         cfg = _data_config(data, shards, 1, backend)
         images_per_batch = max(1, min(batch_size, crops_per_batch(device.type, cfg.image_size) // c))
         cfg = _data_config(data, shards, images_per_batch, backend)
@@ -288,9 +291,10 @@ def evaluate_multicrop(
             hits[(k, c)] = torch.cat(h1[k])
             top1[(k, c)] = 1 - float(hits[(k, c)].double().mean())
             top5[(k, c)] = 1 - float(torch.cat(h5[k]).double().mean())
+        seconds[c] = time.monotonic() - started
     num_samples = full if full is not None else max(samples.values())
     samples = {c: n for c, n in samples.items() if n != num_samples}
-    return EvalTable(tuple(member_counts), tuple(crops), top1, top5, num_samples, samples, hits)
+    return EvalTable(tuple(member_counts), tuple(crops), top1, top5, num_samples, samples, hits, seconds)
 
 
 def plot_table(table: EvalTable, path: str | Path) -> Path:

@@ -118,6 +118,32 @@ def git_commit(root: str | Path) -> str | None:
     return out.stdout.strip() or None
 
 
+def training_curves_figure(histories: dict[str, list[tuple[int, float]]]):
+    """Loss (log scale: an early validation loss of ~40 would flatten every later point) and top-1
+    per epoch, one line per metric key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, points in histories.items():
+        if not points:
+            continue
+        ax = ax_loss if key.endswith("loss") else ax_acc
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
+    for ax, title in ((ax_loss, "loss (log scale)"), (ax_acc, "top-1 accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend()
+    if ax_loss.lines:
+        ax_loss.set_yscale("log")
+    fig.tight_layout()
+    return fig
+
+
 class RunTracker:
     """Logs into one existing run; every call is a no-op once disabled (rank != 0, or unreachable)."""
 
@@ -194,25 +220,13 @@ class RunTracker:
         self._call(self._log_training_curves, artifact_file)
 
     def _log_training_curves(self, artifact_file: str) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+        histories = {}
         for key in CURVE_KEYS:
             history = sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step)
-            if not history:
-                continue
-            ax = ax_loss if key.endswith("loss") else ax_acc
-            ax.plot([m.step for m in history], [m.value for m in history], marker="o", label=key)
-        for ax, title in ((ax_loss, "loss"), (ax_acc, "top-1 accuracy")):
-            ax.set_xlabel("epoch")
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend()
-        fig.tight_layout()
+            histories[key] = [(m.step, m.value) for m in history]
+        fig = training_curves_figure(histories)
         self.client.log_figure(self.run_id, fig, artifact_file)
         plt.close(fig)
 

@@ -38,6 +38,19 @@ def quiet_defaults(environ: dict | None = None) -> None:
     quiet_mlflow_console(env)
 
 
+def silence_report_lines() -> None:
+    """In a Ray Train worker: drop Ray's ``Reporting training result N: TrainingReport(...)`` INFO line
+    (the whole metrics dict, per rank, per epoch). Ray 2.60 names that module's logger by its file
+    path (``logging.getLogger(__file__)``), so it escapes ``LoggingConfig`` (which filters loggers
+    under ``ray.train``) and reaches the console through the root logger; its own level is the only
+    switch. Warnings from it still show."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def epoch_line(member: int, epoch: int, epochs: int, metrics: dict, eta_s: float | None) -> str:
     """``member 0  epoch 3/12  loss 3.24  val top-1 27.9% (EMA 24.8%)  229 img/s  loader wait 0.8%
     ETA 0:04:10``: the one line a training job prints per epoch and model (rank 0)."""

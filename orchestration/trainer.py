@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from orchestration.config import TrainConfig, flatten, to_yaml
-from orchestration.console import TRAIN_LOG_LEVEL, epoch_line, training_eta
+from orchestration.console import TRAIN_LOG_LEVEL, epoch_line, silence_report_lines, training_eta
 from orchestration.ema import ModelEma
 from orchestration.loop import LoopSettings, evaluate, train_one_epoch
 from orchestration.optim import build_optimizer
@@ -164,6 +164,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from ops.tracking import RunTracker
     from pipeline import load_manifest, make_loader
 
+    silence_report_lines()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -55,6 +55,24 @@ def test_rank0_logging_round_trip(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_training_curves_plot_loss_on_a_log_scale():
+    from ops.tracking import training_curves_figure
+
+    fig = training_curves_figure(
+        {
+            "train_loss": [(1, 2.5), (2, 2.0)],
+            "val_loss": [(1, 38.0), (2, 1.9)],
+            "val_top1": [(1, 0.1), (2, 0.3)],
+        }
+    )
+    loss, acc = fig.axes
+    assert loss.get_yscale() == "log" and acc.get_yscale() == "linear"
+    assert [line.get_label() for line in loss.lines] == ["train_loss", "val_loss"]
+    assert list(loss.lines[1].get_ydata()) == [38.0, 1.9] and [line.get_label() for line in acc.lines] == [
+        "val_top1"
+    ]
+
+
 def test_child_runs_carry_parent(tmp_path):
     from mlflow import MlflowClient
 
