@@ -186,6 +186,19 @@ def register_members(
     return version, decision, ""
 
 
+def quiet_single_node() -> None:
+    """On a one-node cluster there is no node to be preempted: Ray Train's preemption watcher has
+    nothing to watch, and starting it makes Ray core log an error-level line about its constructor
+    arguments for every model trained (ray-project/ray#53727). Off there (a default: an exported
+    ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` wins); Ray Train passes the setting on to its controller."""
+    import os
+
+    import ray
+
+    if sum(1 for node in ray.nodes() if node.get("Alive")) == 1:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def timings_file(cfg: TrainConfig) -> Path:
     return Path(cfg.checkpoint.storage_path) / f"{cfg.checkpoint.name}.timings.json"
 
@@ -206,6 +219,7 @@ def run_training(cfg: TrainConfig, repo_root: str | Path) -> TrainingOutcome:
     parent, run_ids = create_runs(cfg, uri, common_tags(cfg, repo_root))
     n = cfg.ensemble.members
     slots = member_slots(cfg)
+    quiet_single_node()
     print(
         f"training {n} member(s), {slots} at a time, {cfg.scaling.num_workers} worker(s) each; "
         f"tracking {uri}; checkpoints under {cfg.checkpoint.storage_path}",

@@ -70,6 +70,7 @@ def test_demo_console_contract(tmp_path):
     assert "Top-1 differences, paired on the same images" in out
     stages = re.findall(r"^\| ([a-z][a-z0-9 -]+) \| (\d:\d\d:\d\d) \| ", out, re.M)
     assert [name for name, _ in stages] == [
+        "calibration",
         "build-shards",
         "servers",
         "job start",
