@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,11 @@ DEFAULT_TOP_K = 5  # the paper reports top-1 and top-5; top-5 is what serving re
 # Crops pushed through each member at once: Inception-v3's largest activation at 299 px is
 # 64 x 147 x 147 float32 = 5.5 MB per crop, so 144 crops (one image at 144 crops) peak near 1 GB.
 MAX_CROPS_PER_FORWARD = 144
+MAX_ERROR_CHARS = 500  # an error reply names the problem; it never carries the request
+# Images above this many pixels are refused before they are decoded (HTTP 400): a 108-megapixel
+# JPEG decoded to 1.4 GB. Pillow's own bomb limit is 179 MP. Override with INCEPTION_SERVE_MAX_PIXELS.
+DEFAULT_MAX_PIXELS = 40_000_000
+MAX_PIXELS_ENV = "INCEPTION_SERVE_MAX_PIXELS"
 
 
 def member_artifact(index: int) -> str:
@@ -55,10 +61,36 @@ def member_artifact(index: int) -> str:
 
 
 class EnsembleInputError(MlflowException):
-    """A request the ensemble cannot answer (missing column, not an image): HTTP 400 when served."""
+    """A request the ensemble cannot answer (missing column, not an image, too many pixels): HTTP 400
+    when served, with our message only.
+
+    MLflow's scoring server rewrites the message of every ``MlflowException`` from ``predict`` to
+    ``Failed to predict data '<the request>'. Error: <message>``; for ``inputs`` / ``instances``
+    requests ``<the request>`` is the whole payload (a 100 kB image came back as 134 kB of base64).
+    The message is fixed at construction: later rewrites are ignored, so a reply never echoes
+    the request."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+        self._own_message = None
+        super().__init__(message[:MAX_ERROR_CHARS], error_code=INVALID_PARAMETER_VALUE)
+        self._own_message = self._message
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self._message = self._own_message if self._own_message is not None else str(value)[:MAX_ERROR_CHARS]
+
+
+def _from_base64(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return base64.b64decode(bytes(value), validate=True)
+        except (binascii.Error, ValueError):
+            return bytes(value)  # raw image bytes
+    return value
 
 
 def _as_image_bytes(value: Any, row: int) -> bytes | np.ndarray:
@@ -66,7 +98,9 @@ def _as_image_bytes(value: Any, row: int) -> bytes | np.ndarray:
     if isinstance(value, np.ndarray):
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
+        # "inputs" / "instances" JSON requests reach predict as the base64 text's bytes (MLflow decodes
+        # base64 for DataFrame requests only); raw JPEG/PNG bytes are never valid base64
+        return _from_base64(bytes(value))
     if isinstance(value, str):
         try:
             return base64.b64decode(value, validate=False)
@@ -86,6 +120,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         self.data_config = None
         self.crops = 1
         self.device = torch.device("cpu")
+        self.max_pixels = DEFAULT_MAX_PIXELS
 
     # ---- loading -------------------------------------------------------------------------------
     def load_context(self, context) -> None:
@@ -104,6 +139,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         torch.set_flush_denormal(True)
         self.class_names = list(config["class_names"])
         self.crops = int(config["crops"])
+        self.max_pixels = int(os.environ.get(MAX_PIXELS_ENV) or DEFAULT_MAX_PIXELS)
         data = config["data"]
         self.data_config = DataConfig(
             image_size=data["image_size"], val_resize=data["val_resize"], normalization=data["normalization"]
@@ -138,7 +174,9 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         from pipeline.multicrop import preprocess_images
 
         try:
-            return preprocess_images([image], crops, self.data_config)  # [K, 3, S, S]
+            return preprocess_images(
+                [image], crops, self.data_config, max_pixels=self.max_pixels
+            )  # [K, 3, S, S]
         except ValueError as exc:
             reason = str(exc).replace("images[0] ", "", 1)
             raise EnsembleInputError(f"row {row} of column 'image' {reason}") from exc
@@ -164,15 +202,25 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
+        if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:  # "inputs" / "instances" JSON
+            model_input = pd.DataFrame({IMAGE_COLUMN: list(model_input[IMAGE_COLUMN])})
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
-            got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input)
+            got = (
+                [str(c)[:40] for c in model_input.columns][:10]
+                if isinstance(model_input, pd.DataFrame)
+                else type(model_input).__name__
+            )
             raise EnsembleInputError(
                 f"input must be a DataFrame with a column 'image' of JPEG bytes, got {got}"
             )
         top_k = (params or {}).get("top_k", DEFAULT_TOP_K)
         try:
             top_k = int(top_k)
-        except (TypeError, ValueError) as exc:
-            raise EnsembleInputError(f"params.top_k must be an integer, got {top_k!r}") from exc
+        except (TypeError, ValueError):
+            raise EnsembleInputError("params.top_k must be an integer") from None
+        if top_k < 0:
+            raise EnsembleInputError(f"params.top_k must be >= 0 (0: every class's probability), got {top_k}")
+        if len(model_input) == 0:  # the same answer for every request format
+            raise EnsembleInputError("the request holds no images")
         images = [_as_image_bytes(v, i) for i, v in enumerate(model_input[IMAGE_COLUMN].tolist())]
         return self.predict_images(images, top_k=top_k)

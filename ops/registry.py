@@ -51,6 +51,12 @@ PIP_REQUIREMENTS = [
 # Version tags (MLflow tag keys); promotion compares METRIC_TAG only when SHARDS_TAG matches.
 SHARDS_TAG = "eval.shards_sha256"
 METRIC_TAG = "eval.top1_error"
+# What the gate compares besides the shards: a figure is only comparable to one measured on the same
+# split with the same crop setting.
+SAME_SETTING_TAGS = ("eval.split", "eval.crops")
+# Written by register_ensemble itself; a caller's extra tags may not set them (or anything under
+# "eval.": those figures come only from the evaluation the registry runs).
+RESERVED_TAGS = ("members", "member_runs", "member_sources", "crops", "num_classes", "registration_run")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -223,6 +229,7 @@ def register_ensemble(
     ``candidate``, and return that ``ModelVersion`` (tags hold runs, shards hash and figures)."""
     if not sources:
         raise RegistryError("register_ensemble needs at least one checkpoint or run")
+    check_user_tags(tags or {})
     with tempfile.TemporaryDirectory(prefix="ensemble-") as tmp, using_tracking_uri(tracking_uri):
         payloads, run_ids, artifacts = [], [], {}
         for i, source in enumerate(sources):
@@ -238,7 +245,8 @@ def register_ensemble(
         config_file.write_text(json.dumps(config, indent=2))
         artifacts[CONFIG_ARTIFACT] = str(config_file)
 
-        version_tags = {
+        version_tags = {str(k): str(v) for k, v in (tags or {}).items()}  # first: ours overwrite nothing
+        version_tags |= {
             "members": str(len(sources)),
             "member_runs": ",".join(r or "-" for r in run_ids),
             "member_sources": ",".join(sources)[:4000],
@@ -256,7 +264,6 @@ def register_ensemble(
             metrics = {
                 k.split(".", 1)[1]: float(version_tags[k]) for k in ("eval.top1_error", "eval.top5_error")
             }
-        version_tags.update({k: str(v) for k, v in (tags or {}).items()})
 
         mlflow.set_experiment(experiment)
         with mlflow.start_run(run_name=f"register-{name}") as run:
@@ -281,6 +288,21 @@ def register_ensemble(
         client.set_model_version_tag(name, version, "registration_run", run.info.run_id)
         client.set_registered_model_alias(name, CANDIDATE, version)
         return client.get_model_version(name, version)
+
+
+def check_user_tags(tags: dict) -> None:
+    """Refuse caller tags that would pose as the registry's own: anything under ``eval.`` (the gate
+    reads those) and the keys register_ensemble writes."""
+    bad = sorted(
+        str(k)
+        for k in tags
+        if str(k).startswith("eval.") or str(k).startswith("train.") or k in RESERVED_TAGS
+    )
+    if bad:
+        raise RegistryError(
+            f"tag(s) {', '.join(bad)} are written by the registry itself (evaluation figures come only "
+            "from --eval-shards); choose other names"
+        )
 
 
 def _evaluate_for_registry(config: dict, artifacts: dict, shards: str, split: str, batch_size: int) -> dict:
@@ -308,6 +330,7 @@ def _evaluate_for_registry(config: dict, artifacts: dict, shards: str, split: st
     return {
         SHARDS_TAG: manifest_sha256(shards),
         "eval.split": split,
+        "eval.crops": str(c),
         "eval.num_samples": str(table.num_samples),
         METRIC_TAG: f"{table.top1[(m, c)]:.6f}",
         "eval.top5_error": f"{table.top5[(m, c)]:.6f}",
@@ -329,11 +352,17 @@ def _champion(client: MlflowClient, name: str):
         return None
 
 
+def _evaluation_setting(mv, key: str) -> str | None:
+    # versions registered before eval.crops was recorded were evaluated with their own crop setting
+    return mv.tags.get(key, mv.tags.get("crops") if key == "eval.crops" else None)
+
+
 def promote(
     name: str, version: str | int, *, force: bool = False, tracking_uri: str | None = None
 ) -> PromotionDecision:
     """Move ``champion`` to ``version`` if it beats the current champion (lower top-1 error on the
-    same shards), if there is no champion yet, or with ``force``. Always says why."""
+    same shards, split and crop setting), if there is no champion yet, or with ``force``. Always
+    says why."""
     client = MlflowClient(tracking_uri=tracking_uri)
     version = str(version)
     cand = _version_or_error(client, name, version)
@@ -367,6 +396,14 @@ def promote(
             f"({cand.tags.get(SHARDS_TAG, '?')[:12]} vs {current.tags.get(SHARDS_TAG, '?')[:12]}); "
             "evaluate both on the same shards or force",
         )
+    for key in SAME_SETTING_TAGS:
+        c_set, p_set = _evaluation_setting(cand, key), _evaluation_setting(current, key)
+        if c_set != p_set:
+            return decide(
+                False,
+                f"version {version} and champion {previous} were evaluated with different {key} "
+                f"({c_set or 'unknown'} vs {p_set or 'unknown'}); evaluate both the same way or force",
+            )
     if float(c_err) < float(p_err):
         return decide(True, f"top-1 error {float(c_err):.4f} beats champion {previous}'s {float(p_err):.4f}")
     return decide(

@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.command == "register" and any("=" not in t for t in args.tag):
         p.error("--tag takes KEY=VALUE")
+    if args.command == "register":
+        from ops.registry import RegistryError, check_user_tags
+
+        try:
+            check_user_tags(dict(t.split("=", 1) for t in args.tag))
+        except RegistryError as exc:
+            p.error(str(exc))
     from mlflow.exceptions import MlflowException
 
     try:

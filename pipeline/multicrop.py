@@ -154,15 +154,27 @@ def normalize(
     return x.contiguous() if resolve_layout(cfg.layout, x.device.type) == "NCHW" else x
 
 
-def _to_pil(item, index: int):
-    from PIL import Image
+def _to_pil(item, index: int, max_pixels: int | None = None):
+    from PIL import Image, ImageOps
 
     if isinstance(item, (bytes, bytearray, memoryview)):
         try:
-            img = Image.open(io.BytesIO(bytes(item)))
-            img.load()
+            img = Image.open(io.BytesIO(bytes(item)))  # reads the header only
         except Exception as exc:
-            raise ValueError(f"images[{index}] is not a decodable image ({exc})") from None
+            raise ValueError(f"images[{index}] is not a decodable image ({type(exc).__name__})") from None
+        if max_pixels and img.width * img.height > max_pixels:
+            megapixels = img.width * img.height / 1e6
+            raise ValueError(
+                f"images[{index}] is {img.width}x{img.height} = {megapixels:.1f} megapixels, "
+                f"above the limit of {max_pixels / 1e6:.1f}; send a smaller image"
+            )
+        try:
+            img.load()
+            # EXIF orientation applied, as build-shards does before any loader sees an image: a phone
+            # photo is upright in training, evaluation and serving alike
+            img = ImageOps.exif_transpose(img)
+        except Exception as exc:
+            raise ValueError(f"images[{index}] is not a decodable image ({type(exc).__name__})") from None
         return img.convert("RGB")
     if isinstance(item, np.ndarray):
         if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
@@ -173,13 +185,15 @@ def _to_pil(item, index: int):
     )
 
 
-def preprocess_images(images: list, crops: int, cfg: DataConfig) -> torch.Tensor:
+def preprocess_images(
+    images: list, crops: int, cfg: DataConfig, max_pixels: int | None = None
+) -> torch.Tensor:
     """In-memory images (encoded bytes or uint8 HWC arrays) -> ``[N*K, 3, S, S]`` model input (CPU,
     cfg normalization/layout/dtype), with the loaders' crop geometry; crops of image ``i`` at rows
     ``i*K:(i+1)*K``. Raises ValueError naming the index of an input that is not a decodable image."""
     plan = crop_plan(crops, cfg.image_size, cfg.val_resize)
     if not images:
         raise ValueError("preprocess_images: no images given")
-    arrays = [apply_plan(_to_pil(item, i), plan, cfg.image_size) for i, item in enumerate(images)]
+    arrays = [apply_plan(_to_pil(item, i, max_pixels), plan, cfg.image_size) for i, item in enumerate(images)]
     batch = torch.from_numpy(np.concatenate(arrays))  # [N*K, S, S, 3] uint8
     return normalize(batch, cfg, "cpu")

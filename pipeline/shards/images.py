@@ -9,6 +9,10 @@ Rules (ImageNet holds all of these cases):
   imagenet-sample-images: 1100 vs 650 img/s on one core).
 - grayscale, CMYK, palette/alpha, and PNG/GIF/BMP/WebP bytes (also when disguised as ``.JPEG``):
   converted to RGB and re-encoded as a baseline JPEG at ``quality``.
+- EXIF orientation other than "normal" (phone photos): the pixels are turned upright once, here,
+  and re-encoded at ``quality`` without the tag, so that every reader (DALI's decoders, which
+  apply the tag, Pillow, which does not) sees the same upright image; ``predict`` applies the tag
+  to raw uploads the same way (``pipeline.multicrop``).
 - ``max_side`` / ``shorter_side``: images larger than the limit are downscaled (aspect kept) and
   re-encoded at ``quality`` (FFCV-style: smaller JPEGs decode faster at training time).
 - zero-byte, truncated and undecodable files: skipped with a reason; never an exception.
@@ -21,12 +25,13 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.shards.archives import Locator
 
 DEFAULT_QUALITY = 90  # FFCV's RGBImageField default jpeg_quality
 DRAFT_SCALE = 8  # libjpeg's smallest DCT scaling factor (1/8)
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class Processed:
     data: bytes | None
     width: int = 0
     height: int = 0
-    action: str = ""  # "passthrough" | "converted" | "resized" | "" (skipped)
+    action: str = ""  # "passthrough" | "converted" | "oriented" | "resized" | "" (skipped)
     reason: str = ""
 
 
@@ -88,15 +93,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def exif_orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation tag (1 = normal, 2-8 = mirrored and/or turned), ``None`` without one."""
+    try:
+        return img.getexif().get(EXIF_ORIENTATION)
+    except Exception:  # a broken EXIF block is no orientation
+        return None
+
+
 def process_bytes(data: bytes, opts: ImageOptions) -> Processed:
     if not data:
         return Processed(None, reason="zero-byte file")
     try:
         img = Image.open(io.BytesIO(data))
         img_format, mode, size = img.format, img.mode, img.size
+        rotated = exif_orientation(img) not in (1, None)
+        if rotated and exif_orientation(img) in (5, 6, 7, 8):  # turned by 90 degrees: w and h swap
+            size = (size[1], size[0])
         size_out = target_size(*size, opts)
-        passthrough = img_format == "JPEG" and mode == "RGB" and size_out is None
-        if img_format == "JPEG":
+        passthrough = img_format == "JPEG" and mode == "RGB" and size_out is None and not rotated
+        if img_format == "JPEG" and not rotated:
             # decode at reduced scale where the result allows it (verification, or a big downscale)
             want = size_out or (max(1, size[0] // DRAFT_SCALE), max(1, size[1] // DRAFT_SCALE))
             if passthrough or size_out is not None:
@@ -104,8 +120,10 @@ def process_bytes(data: bytes, opts: ImageOptions) -> Processed:
         img.load()
         if passthrough:
             return Processed(data, size[0], size[1], "passthrough")
+        if rotated:
+            img = ImageOps.exif_transpose(img)
+        action = "oriented" if rotated and mode == "RGB" and img_format == "JPEG" else "converted"
         img = _to_rgb(img)
-        action = "converted"
         if size_out is not None:
             img = img.resize(size_out, Image.Resampling.LANCZOS, reducing_gap=3.0)
             action = "resized"

@@ -4,6 +4,8 @@ promotion gate, and the ``inception-registry`` CLI."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from types import SimpleNamespace
 
@@ -79,7 +81,7 @@ def test_register_tags_and_candidate_alias(reg, checkpoints, synthetic_shards):
     assert tags["members"] == "2" and tags["crops"] == "10" and tags["num_classes"] == str(len(CLASSES))
     assert tags["member_runs"] == f"-,{reg.run_id}"
     assert tags["eval.shards_sha256"] == tags["train.shards_sha256"] == manifest_sha256(synthetic_shards)
-    assert tags["eval.num_samples"] == "16"
+    assert tags["eval.num_samples"] == "16" and tags["eval.crops"] == "10" and tags["eval.split"] == "val"
     # the version's figure is the 2-member 10-crop ensemble on the shards (within the near-ties of
     # DALI vs Pillow decoding, see test_evaluate)
     images, labels = read_split(synthetic_shards)
@@ -135,6 +137,96 @@ def test_bad_inputs_are_clear_errors(model):
         model.predict(pd.DataFrame({"image": [jpeg_bytes(synthetic_image(0, 0)), b"not a jpeg"]}))
 
 
+def _invoke(model, body: dict):
+    """What `mlflow models serve` does with a JSON request body (in-process, no server)."""
+    import json
+
+    from mlflow.pyfunc import scoring_server
+
+    return scoring_server.invocations(
+        json.dumps(body), "application/json", model, model.metadata.get_input_schema()
+    )
+
+
+def test_serving_errors_never_echo_the_request_and_formats_agree(model):
+    import base64
+
+    payload = base64.b64encode(os.urandom(60_000)).decode()  # not an image
+    for body in (
+        {"inputs": {"image": [payload]}},  # before: the reply carried all 80 kB of it back
+        {"instances": [{"image": payload}]},
+        {"dataframe_split": {"columns": ["image"], "data": [[payload]]}},
+    ):
+        with pytest.raises(MlflowException) as exc:
+            _invoke(model, body)
+        message = json.loads(exc.value.serialize_as_json())["message"]
+        assert message == "row 0 of column 'image' is not a decodable image (UnidentifiedImageError)", message
+        assert exc.value.get_http_status_code() == 400
+    good = base64.b64encode(jpeg_bytes(synthetic_image(2, 1))).decode()
+    via_inputs = json.loads(_invoke(model, {"inputs": {"image": [good]}}).response)["predictions"]
+    via_split = json.loads(
+        _invoke(model, {"dataframe_split": {"columns": ["image"], "data": [[good]]}}).response
+    )
+    assert via_inputs == via_split["predictions"]
+    # empty input: 400 in both DataFrame formats (before: records 400, split 200 with no predictions)
+    for body in ({"dataframe_split": {"columns": ["image"], "data": []}}, {"dataframe_records": []}):
+        with pytest.raises(MlflowException) as exc:
+            _invoke(model, body)
+        assert exc.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match="the request holds no images"):
+        _invoke(model, {"dataframe_split": {"columns": ["image"], "data": []}})
+    # top_k < 0 is an error (before: it behaved as 0, every probability)
+    with pytest.raises(MlflowException, match=r"top_k must be >= 0.*got -1") as exc:
+        _invoke(model, {"dataframe_split": {"columns": ["image"], "data": [[good]]}, "params": {"top_k": -1}})
+    assert exc.value.get_http_status_code() == 400
+
+
+def test_pixel_limit_refuses_before_decoding(model):
+    from PIL import Image
+
+    ens = model.unwrap_python_model()
+    assert ens.max_pixels == 40_000_000
+    big = io.BytesIO()
+    Image.new("RGB", (8000, 6000)).save(big, format="JPEG", quality=10)  # 48 MP, ~0.5 MB
+    with pytest.raises(MlflowException, match=r"8000x6000 = 48.0 megapixels, above the limit of 40.0"):
+        model.predict(pd.DataFrame({"image": [big.getvalue()]}))
+    # the header alone decides: a 48 MP header in front of no image data is refused the same way
+    with pytest.raises(MlflowException, match="above the limit"):
+        model.predict(pd.DataFrame({"image": [big.getvalue()[:2000]]}))
+    try:
+        ens.max_pixels = 96 * 96 - 1
+        with pytest.raises(MlflowException, match="96x96 = 0.0 megapixels"):
+            model.predict(pd.DataFrame({"image": [jpeg_bytes(synthetic_image(0, 0))]}))
+    finally:
+        ens.max_pixels = 40_000_000
+
+
+def test_user_tags_cannot_pose_as_the_evaluation(tmp_path, checkpoints, capsys):
+    # seen: --tag eval.top1_error=0.0 --tag eval.shards_sha256=<hash> promoted an unevaluated model
+    uri = f"sqlite:///{tmp_path}/m.db"
+    for tags in ({"eval.top1_error": "0.0"}, {"eval.shards_sha256": "ab" * 32}, {"crops": "1"}):
+        with pytest.raises(registry.RegistryError, match="written by the registry itself"):
+            registry.register_ensemble([str(checkpoints[0])], "spoof", tracking_uri=uri, tags=tags)
+    with pytest.raises(SystemExit) as exc:
+        registry_cli.main(
+            [
+                "--tracking-uri",
+                uri,
+                "register",
+                str(checkpoints[0]),
+                "--name",
+                "spoof",
+                "--tag",
+                "eval.top1_error=0",
+            ]
+        )
+    assert (
+        exc.value.code == 2
+        and "eval.top1_error are written by the registry itself" in capsys.readouterr().err
+    )
+    assert MlflowClient(tracking_uri=uri).search_registered_models() == []  # nothing was registered
+
+
 def test_register_refuses_mismatched_members(tmp_path, checkpoints):
     from tests.ops.conftest import make_checkpoint
 
@@ -150,7 +242,7 @@ def test_register_refuses_mismatched_members(tmp_path, checkpoints):
 def _version_with(client, name, source_mv, tags):
     """Another real version of ``name`` (same model files) carrying the given evaluation tags."""
     mv = client.create_model_version(name, source_mv.source, run_id=source_mv.run_id)
-    for k, v in tags.items():
+    for k, v in {"crops": source_mv.tags["crops"], **tags}.items():  # crops: as every registered version
         client.set_model_version_tag(name, mv.version, k, v)
     return str(mv.version)
 
@@ -176,6 +268,18 @@ def test_promotion_gate(reg):
     other = _version_with(client, name, base, {"eval.shards_sha256": "0" * 64, "eval.top1_error": "0.0"})
     d = registry.promote(name, other, tracking_uri=reg.uri)
     assert not d.promoted and "different shards" in d.reason
+    # the same figure is only comparable with the same split and crop setting (eval.* tags that only
+    # the registry's own evaluation writes; before, a 1-crop figure could dethrone a 10-crop champion)
+    other_crops = _version_with(
+        client, name, base, {"eval.shards_sha256": shards, "eval.top1_error": "0.0", "eval.crops": "144"}
+    )
+    d = registry.promote(name, other_crops, tracking_uri=reg.uri)
+    assert not d.promoted and "different eval.crops (144 vs 10)" in d.reason, d.reason
+    other_split = _version_with(
+        client, name, base, {"eval.shards_sha256": shards, "eval.top1_error": "0.0", "eval.split": "train"}
+    )
+    d = registry.promote(name, other_split, tracking_uri=reg.uri)
+    assert not d.promoted and "different eval.split (train vs unknown)" in d.reason, d.reason
     unevaluated = _version_with(client, name, base, {})
     d = registry.promote(name, unevaluated, tracking_uri=reg.uri)
     assert not d.promoted and "no evaluation" in d.reason
