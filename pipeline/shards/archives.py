@@ -53,6 +53,9 @@ class Collection:
     is_archive: bool
     dirs: set[str] = field(default_factory=set)  # folders seen, also empty ones (an empty class)
     _temp_dirs: list[str] = field(default_factory=list)
+    # archive members that are not read, with the reason (links, devices, names leaving the archive):
+    # build-shards lists them among its skipped inputs
+    ignored: list[dict] = field(default_factory=list)
 
     def read(self, relpath: str) -> bytes:
         return self.files[relpath].read()
@@ -86,8 +89,12 @@ def _normalize(name: str) -> str:
     return "/".join(parts)
 
 
+MEMBER_KINDS = {b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device",
+                b"4": "a block device", b"6": "a fifo"}
+
+
 def _read_tar(tar_path: str, base_offset: int, size: int | None, prefix: str, out: dict[str, Locator],
-              dirs: set[str]):
+              dirs: set[str], ignored: list[dict]):
     """Add the regular members of the tar at ``tar_path[base_offset:]`` to ``out``; recurse into ``*.tar``."""
     with open(tar_path, "rb") as f:
         try:
@@ -102,15 +109,18 @@ def _read_tar(tar_path: str, base_offset: int, size: int | None, prefix: str, ou
         dirs.add(prefix)
     for name, kind, offset, length in members:
         rel = _normalize(name)
-        if not rel or _is_hidden(rel):
-            continue
         full = f"{prefix}/{rel}" if prefix else rel
-        if kind == tarscan.DIRECTORY:
+        if ".." in rel.split("/"):  # before the hidden-file rule, which would drop it silently
+            ignored.append({"source": full, "reason": "tar member name leaves the archive ('..'); not read"})
+        elif not rel or _is_hidden(rel):
+            continue
+        elif kind == tarscan.DIRECTORY:
             dirs.add(full)
-        elif kind not in tarscan.REGULAR:
-            continue  # links, devices, fifos: not image data
+        elif kind not in tarscan.REGULAR:  # links, devices, fifos: not image data
+            what = MEMBER_KINDS.get(kind, f"of tar type {kind!r}")
+            ignored.append({"source": full, "reason": f"tar member is {what}, not a file; not read"})
         elif rel.lower().endswith(".tar"):  # tar of per-class tars: n01440764.tar -> n01440764/...
-            _read_tar(tar_path, offset, length, full[: -len(".tar")], out, dirs)
+            _read_tar(tar_path, offset, length, full[: -len(".tar")], out, dirs, ignored)
         else:
             out[full] = Locator(tar_path, offset, length)
 
@@ -124,7 +134,7 @@ def _gunzip_to_temp(path: str, temp_dirs: list[str]) -> str:
     return target
 
 
-def _walk_folder(root: Path, out: dict[str, Locator], dirs: set[str]) -> None:
+def _walk_folder(root: Path, out: dict[str, Locator], dirs: set[str], ignored: list[dict]) -> None:
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -138,7 +148,7 @@ def _walk_folder(root: Path, out: dict[str, Locator], dirs: set[str]) -> None:
                 elif entry.is_file(follow_symlinks=True):
                     rel = Path(entry.path).relative_to(root).as_posix()
                     if entry.name.lower().endswith(".tar"):
-                        _read_tar(entry.path, 0, None, rel[: -len(".tar")], out, dirs)
+                        _read_tar(entry.path, 0, None, rel[: -len(".tar")], out, dirs, ignored)
                     else:
                         out[rel] = Locator(entry.path, 0, entry.stat().st_size)
 
@@ -151,21 +161,24 @@ def open_collection(source: str | Path) -> Collection:
     files: dict[str, Locator] = {}
     dirs: set[str] = set()
     temp_dirs: list[str] = []
+    ignored: list[dict] = []
     try:
         if source.is_dir():
-            _walk_folder(source.resolve(), files, dirs)
-            return Collection(str(source.resolve()), dict(sorted(files.items())), False, dirs, temp_dirs)
+            _walk_folder(source.resolve(), files, dirs, ignored)
+            return Collection(
+                str(source.resolve()), dict(sorted(files.items())), False, dirs, temp_dirs, ignored
+            )
         with open(source, "rb") as f:
             magic = f.read(2)
         tar_path = str(source.resolve())
         if magic == GZIP_MAGIC:
             tar_path = _gunzip_to_temp(tar_path, temp_dirs)
-        _read_tar(tar_path, 0, None, "", files, dirs)
+        _read_tar(tar_path, 0, None, "", files, dirs, ignored)
     except BaseException:
         for d in temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
         raise
-    return Collection(str(source.resolve()), dict(sorted(files.items())), True, dirs, temp_dirs)
+    return Collection(str(source.resolve()), dict(sorted(files.items())), True, dirs, temp_dirs, ignored)
 
 
 def sub_collection(coll: Collection, subdir: str) -> Collection:
@@ -173,5 +186,8 @@ def sub_collection(coll: Collection, subdir: str) -> Collection:
     prefix = _normalize(subdir) + "/"
     files = {rel[len(prefix):]: loc for rel, loc in coll.files.items() if rel.startswith(prefix)}
     dirs = {d[len(prefix):] for d in coll.dirs if d.startswith(prefix)}
-    return Collection(f"{coll.root}::{prefix[:-1]}", files, coll.is_archive, dirs, coll._temp_dirs)
+    ignored = [
+        {**i, "source": i["source"][len(prefix):]} for i in coll.ignored if i["source"].startswith(prefix)
+    ]
+    return Collection(f"{coll.root}::{prefix[:-1]}", files, coll.is_archive, dirs, coll._temp_dirs, ignored)
 

@@ -100,6 +100,7 @@ def _finish(fmt, classes, labelled, skipped, collection, allow_empty) -> Discove
         raise SourceError("no images found in the source")
     keys = make_keys([s for s, _, _ in labelled])
     items = [Item(k, s, loc, lab) for k, (s, loc, lab) in zip(keys, labelled, strict=True)]
+    skipped = [*skipped, *getattr(collection, "ignored", [])]  # archive members not read (links, '..')
     return Discovery(fmt, classes, items, sorted(skipped, key=lambda d: d["source"]), collection)
 
 

@@ -208,3 +208,35 @@ def test_foreign_files_and_bad_options_fail_before_work(src, tmp_path):
     with pytest.raises(SourceError, match="--split"):
         build_shards(src, tmp_path / "o2", split="tr-ain", progress=False)
     assert not (tmp_path / "o2").exists()
+
+
+def test_tar_links_and_names_leaving_the_archive_are_listed_as_skipped(tmp_path):
+    """Before, tar members that are links, or whose names hold '..', vanished without a word (a
+    '..' member was even read as an image of a class named '..')."""
+    import tarfile
+
+    def jpeg(shade: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (shade, 100, 50)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    def add(tar, name, data=b"", kind=tarfile.REGTYPE, link=""):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.size = kind, link, len(data)
+        tar.addfile(info, io.BytesIO(data) if data else None)
+
+    source = tmp_path / "src.tar"
+    with tarfile.open(source, "w") as tar:
+        add(tar, "cat/a.jpg", jpeg(10))
+        add(tar, "dog/b.jpg", jpeg(200))
+        add(tar, "dog/c.jpg", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        add(tar, "cat/d.jpg", kind=tarfile.LNKTYPE, link="cat/a.jpg")
+        add(tar, "cat/../../e.jpg", jpeg(90))
+    manifest = build_shards(source, tmp_path / "out", "train", progress=False)
+    info = manifest.split("train")
+    assert info.num_samples == 2 and [c.name for c in manifest.classes] == ["cat", "dog"]
+    assert {s["source"]: s["reason"] for s in info.skipped} == {
+        "cat/../../e.jpg": "tar member name leaves the archive ('..'); not read",
+        "cat/d.jpg": "tar member is a hard link, not a file; not read",
+        "dog/c.jpg": "tar member is a symbolic link, not a file; not read",
+    }
