@@ -47,7 +47,7 @@ from pipeline.dali_pipelines import (
     multicrop_pipeline,
     train_pipeline,
 )
-from pipeline.loader import SplitSource, epoch_seed, handle_corrupt_sample
+from pipeline.loader import CorruptSampleError, SplitSource, epoch_seed, handle_corrupt_sample
 from pipeline.multicrop import crop_plan, unmirrored
 from pipeline.progress import progress
 
@@ -97,8 +97,17 @@ class DaliLoader:
         self.epoch = 0
         self._len = source.num_batches(cfg.batch_size)
         self._indices = source.indices  # replaced by filtered copies once a sample is skipped
+        self._tars = source.tars  # less the tars left without samples by skipping
+        self._tar_ids = tuple(range(len(source.tars)))  # position in source.tars of each of _tars
         self._excluded: set[tuple[int, str]] = set()
         self._index_dir: str | None = None
+        # A tar shorter than its index says (a cut-off copy): name the cut samples before DALI reads
+        # them (it would fail on the next sample, or on an index left empty, in its own words).
+        for t, key, reason in source.truncated():
+            handle_corrupt_sample(key, source.tars[t], reason, cfg.skip_corrupt)  # raises unless skipping
+            self._excluded.add((t, key))
+        if self._excluded:
+            self._write_filtered_indices()
         self.layout = resolve_layout(cfg.layout, device.type)
         self.builds = 0  # pipelines built so far (train: one per epoch; eval: one per loader)
         self._kept = None  # eval / multi-crop: (pipeline, iterator) of the last completed pass
@@ -112,7 +121,7 @@ class DaliLoader:
     def spec(self, shard_id: int) -> PipelineSpec:
         mean, std = NORMALIZATIONS[self.cfg.normalization]
         return PipelineSpec(
-            tars=self.source.tars,
+            tars=self._tars,
             indices=self._indices,
             shard_id=shard_id,
             num_shards=self.source.world_size,
@@ -239,7 +248,9 @@ class DaliLoader:
 
     def find_corrupt(self, shard_id: int) -> tuple[int, str] | None:
         """``(tar index, key)`` of the first undecodable sample of a DALI shard, in reader order."""
-        entries = [(t, key) for t, idx in enumerate(self._indices) for key, _ in read_index_keys(idx)]
+        entries = [
+            (self._tar_ids[t], key) for t, idx in enumerate(self._indices) for key, _ in read_index_keys(idx)
+        ]
         n, w = len(entries), self.source.world_size
         start, stop = n * shard_id // w, n * (shard_id + 1) // w
         pipe = decode_check_pipeline(
@@ -268,14 +279,22 @@ class DaliLoader:
     def _write_filtered_indices(self) -> None:
         if self._index_dir is None:
             self._index_dir = tempfile.mkdtemp(prefix="dali-idx-")
-        paths = []
+        paths, tars, ids = [], [], []
         for t, idx in enumerate(self.source.indices):
             keep = [line for key, line in read_index_keys(idx) if (t, key) not in self._excluded]
+            if not keep:  # DALI refuses an index without samples: leave the tar out
+                continue
             header = Path(idx).read_text().splitlines()[0].split()[0]
             path = Path(self._index_dir) / Path(idx).name
             path.write_text(f"{header} {len(keep)}\n" + "".join(line + "\n" for line in keep))
             paths.append(str(path))
-        self._indices = tuple(paths)
+            tars.append(self.source.tars[t])
+            ids.append(t)
+        if not paths:
+            raise CorruptSampleError(
+                f"every sample of this split in {len(self.source.tars)} tar(s) is damaged; rebuild the shards"
+            )
+        self._indices, self._tars, self._tar_ids = tuple(paths), tuple(tars), tuple(ids)
 
     def __del__(self) -> None:
         if getattr(self, "_index_dir", None):

@@ -24,6 +24,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -73,6 +74,18 @@ class SplitSource:
     rank: int
     world_size: int
     train: bool
+    sizes: tuple[int, ...] = ()  # each tar's size in bytes, as the manifest records it
+
+    def truncated(self) -> list[tuple[int, str, str]]:
+        """``(tar index, key, reason)`` of samples cut off by a tar shorter than the manifest says
+        (one stat per tar; a short tar's index is then read to name its samples)."""
+        from pipeline.shards.verify import truncated_samples
+
+        out = []
+        for t, (tar, idx) in enumerate(zip(self.tars, self.indices, strict=True)):
+            if t < len(self.sizes) and Path(tar).stat().st_size < self.sizes[t]:
+                out += [(t, key, reason) for key, reason in truncated_samples(tar, idx)]
+        return out
 
     @property
     def total(self) -> int:
@@ -117,6 +130,7 @@ def load_split(cfg: DataConfig, split: str, rank: int, world_size: int, train: b
         rank=rank,
         world_size=world_size,
         train=train,
+        sizes=tuple(s.bytes for s in info.shards),
     )
     if src.num_batches(cfg.batch_size) == 0:
         raise ShardFormatError(

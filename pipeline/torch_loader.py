@@ -147,6 +147,13 @@ class TorchLoader:
 
     def __init__(self, cfg: DataConfig, source: SplitSource, device: torch.device, mode: str, crops: int = 1):
         self.cfg, self.source, self.device, self.mode = cfg, source, device, mode
+        cut = source.truncated()
+        if cut:  # named before any worker streams into the cut
+            t, key, reason = cut[0]
+            if cfg.skip_corrupt:
+                reason += "; the torch backend streams whole tars and cannot skip past a cut"
+                reason += " (data.backend=dali can)"
+            handle_corrupt_sample(key, source.tars[t], reason, skip=False)
         self.crops = crops if mode == "multicrop" else 1
         self.batch_size = cfg.batch_size
         self.num_samples = source.num_samples(cfg.batch_size)

@@ -81,6 +81,55 @@ def _read_index(path: Path) -> tuple[int, list[list[tuple[str, int, int, str]]]]
     return int(head[1]), samples
 
 
+def truncated_samples(tar: str | Path, idx: str | Path) -> list[tuple[str, str]]:
+    """``(key, reason)`` of every sample whose bytes, by the index's offsets, extend past the end of
+    the tar: what a cut-off copy or an interrupted transfer leaves. Reads the index and one stat."""
+    size = Path(tar).stat().st_size
+    _, entries = _read_index(Path(idx))
+    out = []
+    for sample in entries:
+        end = max(offset + length for _, offset, length, _ in sample)
+        if end > size:
+            key = sample[0][3].partition(".")[0]
+            out.append((key, f"truncated: its data ends at byte {end} but {Path(tar).name} has {size} bytes"))
+    return out
+
+
+def _diagnose_damaged(folder: Path, sh: ShardInfo) -> list[str]:
+    """After a checksum mismatch (``--deep``): every truncated and every undecodable sample by key,
+    read through the index's offsets (the tar itself may not parse any more)."""
+    tar, idx = folder / sh.tar, folder / sh.index
+    try:
+        truncated = truncated_samples(tar, idx)
+        _, entries = _read_index(idx)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return [f"{sh.index}: unreadable DALI index: {exc}"]
+    errs = []
+    if truncated:
+        keys, end = ", ".join(k for k, _ in truncated), tar.stat().st_size
+        errs.append(f"{sh.tar}: {len(truncated)} sample(s) truncated (the file ends at byte {end}): {keys}")
+    cut = {k for k, _ in truncated}
+    undecodable = []
+    with open(tar, "rb") as f:
+        for sample in entries:
+            key = sample[0][3].partition(".")[0]
+            if key in cut:
+                continue
+            for ext, offset, length, _ in sample:
+                if ext == "jpg":
+                    f.seek(offset)
+                    try:
+                        with Image.open(io.BytesIO(f.read(length))) as img:
+                            img.load()
+                    except Exception as exc:
+                        undecodable.append(f"{key} ({type(exc).__name__})")
+    if undecodable:
+        errs.append(f"{sh.tar}: {len(undecodable)} sample(s) do not decode: {', '.join(undecodable)}")
+    if not errs:
+        errs.append(f"{sh.tar}: every sample decodes and lies within the file: the damage is elsewhere")
+    return errs
+
+
 def _check_shard(folder: Path, sh: ShardInfo, num_classes: int, deep: bool, keys: set, rep: SplitReport):
     """Errors of one shard (strings naming the shard)."""
     errs: list[str] = []
@@ -91,7 +140,8 @@ def _check_shard(folder: Path, sh: ShardInfo, num_classes: int, deep: bool, keys
     if tar.stat().st_size != sh.bytes:
         errs.append(f"{sh.tar}: {tar.stat().st_size} bytes, manifest says {sh.bytes}")
     if file_sha256(tar) != sh.sha256:
-        return errs + [f"{sh.tar}: sha256 differs from the manifest (corrupt or replaced); rebuild it"]
+        errs.append(f"{sh.tar}: sha256 differs from the manifest (corrupt or replaced); rebuild it")
+        return errs + (_diagnose_damaged(folder, sh) if deep else [])  # --deep names the damaged samples
     members: list[tuple[str, int, int, str]] = []
     samples: dict[str, dict[str, bytes]] = {}
     with tarfile.open(tar, "r:") as tf:

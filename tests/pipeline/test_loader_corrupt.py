@@ -63,3 +63,71 @@ def test_dali_skip_corrupt_later_epochs_use_filtered_index(shards):
     loader.set_epoch(1)
     labels = torch.cat([y for _, y in loader]).tolist()  # no new warning, no failure
     assert labels == [i for i in range(14) if i != BAD]
+
+
+def _cut(folder, tar_name: str, keep_samples: int) -> list[str]:
+    """Cut ``tar_name`` 100 bytes into its sample ``keep_samples`` (0: into the first one), as an
+    interrupted copy would; returns the keys cut off, in order."""
+    from pipeline.dali_loader import read_index_keys
+
+    idx = folder / tar_name.replace(".tar", ".idx")
+    entries = read_index_keys(str(idx))
+    offset = int(entries[keep_samples][1].split()[1])
+    tar = folder / tar_name
+    tar.write_bytes(tar.read_bytes()[: offset + 100])
+    return [key for key, _ in entries[keep_samples:]]
+
+
+@pytest.fixture
+def cut_shards(tmp_path):
+    """val: 14 intact samples in two tars (8 + 6); val-000001.tar cut after its 3rd sample."""
+    write_coded_shards(tmp_path, {"val": 14}, num_classes=14, shard_size=8)
+    return tmp_path, _cut(tmp_path, "val-000001.tar", 3)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_truncated_shard_names_the_first_cut_sample(cut_shards, backend):
+    # before: the error named an intact sample (val00008), found by replaying the decoder
+    folder, cut = cut_shards
+    assert cut == ["val00011", "val00012", "val00013"]
+    with pytest.raises(
+        CorruptSampleError, match=r"'val00011' in shard .*val-000001\.tar: truncated: its data ends"
+    ):
+        list(make_loader(_cfg(folder, backend), "val", 0, 1, "cpu"))
+
+
+def test_skip_corrupt_skips_only_the_cut_samples(cut_shards):
+    # before: five intact samples dropped, then DALI's raw "Malformed index file" error
+    folder, cut = cut_shards
+    with pytest.warns(UserWarning) as caught:
+        loader = make_loader(_cfg(folder, "dali", skip_corrupt=True), "val", 0, 1, "cpu")
+    assert sorted(str(w.message).split("'")[1] for w in caught) == cut
+    labels = torch.cat([y for _, y in loader]).tolist()
+    assert labels == list(range(11))  # every intact sample, once, in order
+
+
+def test_tar_cut_inside_its_first_sample_is_left_out(tmp_path):
+    # every sample of val-000001.tar cut: its filtered index would be empty, which DALI refuses
+    write_coded_shards(tmp_path, {"val": 14}, num_classes=14, shard_size=8)
+    assert _cut(tmp_path, "val-000001.tar", 0) == [f"val{i:05d}" for i in range(8, 14)]
+    with pytest.warns(UserWarning):
+        loader = make_loader(_cfg(tmp_path, "dali", skip_corrupt=True), "val", 0, 1, "cpu")
+    assert torch.cat([y for _, y in loader]).tolist() == list(range(8))
+
+
+def test_verify_deep_lists_every_damaged_sample(cut_shards):
+    from pipeline.shards import verify_shards
+
+    folder, cut = cut_shards
+    shallow = verify_shards(folder, progress=False)
+    assert (
+        shallow.errors[-1]
+        == "val-000001.tar: sha256 differs from the manifest (corrupt or replaced); rebuild it"
+    )
+    deep = verify_shards(folder, deep=True, progress=False)
+    size = (folder / "val-000001.tar").stat().st_size
+    # before: --deep stopped at the checksum and named no sample
+    assert (
+        f"val-000001.tar: 3 sample(s) truncated (the file ends at byte {size}): {', '.join(cut)}"
+        in deep.errors
+    )
