@@ -181,9 +181,11 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             reason = str(exc).replace("images[0] ", "", 1)
             raise EnsembleInputError(f"row {row} of column 'image' {reason}") from exc
 
-    def predict_images(self, images: list[bytes | np.ndarray], top_k: int = DEFAULT_TOP_K) -> pd.DataFrame:
+    def predict_images(
+        self, images: list[bytes | np.ndarray], top_k: int = DEFAULT_TOP_K, crops: int | None = None
+    ) -> pd.DataFrame:
         """Ensemble prediction for in-memory images (JPEG bytes or uint8 HWC arrays)."""
-        probs = self.member_probabilities(images).mean(dim=0)  # [N, C]: members averaged
+        probs = self.member_probabilities(images, crops).mean(dim=0)  # [N, C]: members averaged
         return self.format_predictions(probs, top_k)
 
     def format_predictions(self, probs: torch.Tensor, top_k: int) -> pd.DataFrame:
@@ -220,7 +222,16 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             raise EnsembleInputError("params.top_k must be an integer") from None
         if top_k < 0:
             raise EnsembleInputError(f"params.top_k must be >= 0 (0: every class's probability), got {top_k}")
+        crops = (params or {}).get("crops") or self.crops  # 0 / absent: the version's own setting
+        try:
+            crops = int(crops)
+        except (TypeError, ValueError):
+            raise EnsembleInputError("params.crops must be 1, 10 or 144") from None
+        if crops not in (1, 10, 144):
+            raise EnsembleInputError(
+                f"params.crops must be 1, 10 or 144 (0: the version's {self.crops}), got {crops}"
+            )
         if len(model_input) == 0:  # the same answer for every request format
             raise EnsembleInputError("the request holds no images")
         images = [_as_image_bytes(v, i) for i, v in enumerate(model_input[IMAGE_COLUMN].tolist())]
-        return self.predict_images(images, top_k=top_k)
+        return self.predict_images(images, top_k=top_k, crops=crops)

@@ -142,7 +142,7 @@ def resolve_source(
 
 # ---- the logged model --------------------------------------------------------------------------
 def ensemble_signature() -> ModelSignature:
-    """Input: column ``image`` of JPEG bytes; params: ``top_k``; output: top-k classes per image."""
+    """Input: column ``image`` of JPEG bytes; params ``top_k`` and ``crops``; output: top-k classes."""
     inputs = Schema([ColSpec(DataType.binary, IMAGE_COLUMN)])
     outputs = Schema(
         [
@@ -151,7 +151,9 @@ def ensemble_signature() -> ModelSignature:
             ColSpec(Array(DataType.double), "probabilities"),
         ]
     )
-    params = ParamSchema([ParamSpec("top_k", DataType.long, DEFAULT_TOP_K)])
+    params = ParamSchema(
+        [ParamSpec("top_k", DataType.long, DEFAULT_TOP_K), ParamSpec("crops", DataType.long, 0)]
+    )  # crops 0: the version's own crop setting
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 

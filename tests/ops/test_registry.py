@@ -117,6 +117,16 @@ def test_load_by_alias_and_predict_equals_hand_average(model, checkpoints):
     assert [len(c) for c in top2["classes"]] == [2, 2, 2]
 
 
+def test_request_chooses_its_crops(model, checkpoints):
+    images = [jpeg_bytes(synthetic_image(label, 2)) for label in (1, 4)]
+    for crops in (1, 144):
+        got = model.predict(pd.DataFrame({"image": images}), params={"top_k": 0, "crops": crops})
+        want = hand_probabilities(checkpoints[:2], images, crops)
+        np.testing.assert_allclose(np.stack(got["probabilities"]), want.numpy(), atol=1e-5)
+    with pytest.raises(MlflowException, match="params.crops must be 1, 10 or 144"):
+        model.predict(pd.DataFrame({"image": images}), params={"crops": 7})
+
+
 def test_predict_takes_uint8_arrays_and_raw_weights_are_not_exported(model, checkpoints):
     ens = model.unwrap_python_model()
     assert isinstance(ens, EnsembleModel) and len(ens.members) == 2 and ens.crops == 10

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,16 +11,11 @@ import pytest
 import requests
 
 from ops import registry
+from ops.serving import served
 from tests.ops.conftest import CLASSES, jpeg_bytes, synthetic_image
 
 NAME = "served-inception"
 START_TIMEOUT_S = 240  # model load + uvicorn start on a busy 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,60 +27,12 @@ def server(tmp_path_factory, checkpoints):
     try:
         mv = registry.register_ensemble([str(c) for c in checkpoints[:2]], NAME, tracking_uri=uri, crops=10)
         assert registry.promote(NAME, mv.version, tracking_uri=uri).promoted
+        with served(
+            f"models:/{NAME}@champion", uri, log_path=root / "serve.log", start_timeout_s=START_TIMEOUT_S
+        ) as url:
+            yield url, registry.load(f"models:/{NAME}@champion", tracking_uri=uri)
     finally:
         os.chdir(cwd)
-    port = _free_port()
-    log = open(root / "serve.log", "wb")
-    cmd = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        f"models:/{NAME}@champion",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=root,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=dict(
-            os.environ,
-            MLFLOW_TRACKING_URI=uri,
-            PATH=str(Path(sys.executable).parent)
-            + os.pathsep
-            + os.environ.get("PATH", ""),  # serve runs uvicorn
-        ),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"mlflow models serve did not come up:\n{(root / 'serve.log').read_text()[-3000:]}"
-                )
-            time.sleep(1)
-        yield url, registry.load(f"models:/{NAME}@champion", tracking_uri=uri)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def b64(data: bytes) -> str:
