@@ -72,6 +72,9 @@ class ClusterError(RuntimeError):
 # ---- small process / network tools --------------------------------------------------------------
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the servers bind (uvicorn, gRPC): a port whose last server just died still has
+        # connections in TIME_WAIT; it is free for a new server, which must come back on the same URL
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
             return True

@@ -13,6 +13,7 @@ they survive ``ray job submit``'s temporary working dir).
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import time
@@ -145,13 +146,28 @@ def training_curves_figure(histories: dict[str, list[tuple[int, float]]]):
 
 
 class RunTracker:
-    """Logs into one existing run; every call is a no-op once disabled (rank != 0, or unreachable)."""
+    """Logs into one existing run; every call is a no-op once disabled (rank != 0, or unreachable at
+    the start).
+
+    A server that fails during the run (restarted, network blip) stops nothing: the calls are
+    kept, in order (at most ``MAX_PENDING_CALLS``), retried every ``RETRY_INTERVAL_S`` seconds
+    and delivered once it answers again, which is said in one line. :meth:`flush` at the end of a
+    run makes a last attempt and reports what could not be delivered; nothing is dropped silently.
+    Artifact uploads are the exception: their files are temporary, so a failed upload is reported
+    at once (the checkpoint itself stays in the storage path)."""
+
+    RETRY_INTERVAL_S = 10.0
+    MAX_PENDING_CALLS = 10_000
 
     def __init__(self, uri: str, run_id: str | None, enabled: bool = True):
         self.uri = uri
         self.run_id = run_id
         self.enabled = bool(enabled and run_id)
         self._client = None
+        self._pending: collections.deque = collections.deque()
+        self._dropped = 0
+        self._down_since: float | None = None
+        self._retry_at = 0.0
         if self.enabled:
             _limit_http_retries()
             reason = check_reachable(uri)
@@ -176,14 +192,88 @@ class RunTracker:
             )
         self.enabled = False
 
-    def _call(self, fn, *args, **kwargs) -> Any:
+    def _call(self, fn, *args, queue: bool = True, **kwargs) -> Any:
         if not self.enabled:
+            return None
+        if self._down_since is not None:
+            if not queue:
+                return self._lost(
+                    fn,
+                    f"MLflow at {self.uri} has been unreachable for "
+                    f"{time.monotonic() - self._down_since:.0f}s",
+                )
+            self._enqueue(fn, args, kwargs)
+            if time.monotonic() >= self._retry_at:
+                self.flush()
             return None
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            self._disable(f"{type(exc).__name__}: {exc}")
+            self._down_since = time.monotonic()
+            self._retry_at = self._down_since + self.RETRY_INTERVAL_S
+            warnings.warn(
+                f"MLflow tracking at {self.uri} failed ({type(exc).__name__}: {str(exc)[:200]}); training "
+                f"goes on, tracking calls are kept and retried every {self.RETRY_INTERVAL_S:.0f}s",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            if not queue:
+                return self._lost(fn, "the upload failed")
+            self._enqueue(fn, args, kwargs)
             return None
+
+    def _lost(self, fn, why: str) -> None:
+        print(f"warning: MLflow: {getattr(fn, '__name__', 'a call')} not delivered ({why})", flush=True)
+        return None
+
+    def _enqueue(self, fn, args, kwargs) -> None:
+        if len(self._pending) >= self.MAX_PENDING_CALLS:
+            self._pending.popleft()
+            self._dropped += 1
+        self._pending.append((fn, args, kwargs))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self, final: bool = False, attempts: int = 1, wait_s: float = 0.0) -> bool:
+        """Deliver the kept calls in order; True when none is left. ``final``: report any that
+        still are not delivered (after ``attempts`` tries ``wait_s`` apart)."""
+        if self._down_since is None:
+            return True
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(wait_s)
+            delivered = 0
+            try:
+                while self._pending:
+                    fn, args, kwargs = self._pending[0]
+                    fn(*args, **kwargs)
+                    self._pending.popleft()
+                    delivered += 1
+            except Exception:
+                self._retry_at = time.monotonic() + self.RETRY_INTERVAL_S
+                continue
+            outage = time.monotonic() - self._down_since
+            lost = (
+                f"; {self._dropped} older call(s) were dropped (over {self.MAX_PENDING_CALLS})"
+                if self._dropped
+                else ""
+            )
+            print(
+                f"MLflow tracking at {self.uri} answers again after {outage:.0f}s: "
+                f"{delivered} kept call(s) delivered{lost}",
+                flush=True,
+            )
+            self._down_since, self._dropped = None, 0
+            return True
+        if final:
+            print(
+                f"warning: MLflow tracking at {self.uri} is still unreachable: {len(self._pending)} tracking "
+                f"call(s) of this run (metrics, tags, params) were not delivered",
+                flush=True,
+            )
+        return False
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -213,7 +303,8 @@ class RunTracker:
         self._call(self.client.log_dict, self.run_id, data, artifact_file)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self._call(self.client.log_artifacts, self.run_id, str(local_dir), artifact_path)
+        # not kept for later: local_dir is usually temporary (the checkpoint stays in the storage path)
+        self._call(self.client.log_artifacts, self.run_id, str(local_dir), artifact_path, queue=False)
 
     def log_training_curves(self, artifact_file: str = "training_curves.png") -> None:
         """Plot this run's epoch metrics (loss, top-1 raw and EMA) into a PNG artifact."""
@@ -232,3 +323,4 @@ class RunTracker:
 
     def set_terminated(self, status: str = "FINISHED") -> None:
         self._call(self.client.set_terminated, self.run_id, status)
+        self.flush(final=True)  # the run's last call: whatever is still kept is reported

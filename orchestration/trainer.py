@@ -316,6 +316,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                         tracker.log_artifacts(tmp, "checkpoint")
                     tracker.log_training_curves()
             ray.train.report(metrics, checkpoint=ray_checkpoint)
+    if rank == 0:  # metrics kept during an MLflow outage: delivered now, or reported as lost
+        tracker.flush(final=True, attempts=3, wait_s=5.0)
 
 
 def newest_local_checkpoint(cfg: TrainConfig, newer_than_epoch: int) -> Path | None:

@@ -3,6 +3,7 @@ and an unreachable server that warns once and never raises."""
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import pytest
@@ -85,3 +86,52 @@ def test_child_runs_carry_parent(tmp_path):
 @pytest.mark.parametrize("bad", ["not a uri at all"])
 def test_non_http_uris_are_not_probed(bad):
     assert check_reachable(bad) is None
+
+
+@pytest.mark.slow
+def test_server_outage_mid_run_is_buffered_and_delivered(tmp_path, capsys):
+    """A real MLflow server killed mid-run and restarted on the same port: nothing raises, the calls
+    of the outage are delivered once it is back (before: the tracker switched itself off for good)."""
+    import os
+    import signal
+
+    from mlflow import MlflowClient
+
+    from ops import cluster
+
+    state = tmp_path / "mlflow"
+    state.mkdir()
+    server = cluster.start_mlflow(state, 0, timeout=120)
+    uri, port = server["url"], server["port"]
+    try:
+        run_id = create_run(uri, "exp", "outage", str(tmp_path), {})
+        tracker = RunTracker(uri, run_id)
+        tracker.RETRY_INTERVAL_S = 0.5
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        os.killpg(server["pgid"], signal.SIGKILL)  # the server dies
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in (2, 3):
+                tracker.log_metrics({"loss": float(step)}, step=step)
+            tracker.set_tags({"phase": "outage"})
+        assert tracker.pending == 3 and len(caught) == 1 and "kept and retried" in str(caught[0].message)
+        server = cluster.start_mlflow(state, port, timeout=120)  # back, same port and store
+        assert server["port"] == port
+        time.sleep(0.6)
+        tracker.log_metrics({"loss": 4.0}, step=4)  # the next call delivers the kept ones first
+        assert tracker.pending == 0
+        assert "answers again after" in capsys.readouterr().out
+        client = MlflowClient(uri)
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+        assert history == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+        assert client.get_run(run_id).data.tags["phase"] == "outage"
+        # still down at the end of a run: the loss is reported, not silent
+        os.killpg(server["pgid"], signal.SIGKILL)
+        tracker.log_metrics({"loss": 5.0}, step=5)
+        assert tracker.flush(final=True) is False
+        assert (
+            "1 tracking call(s) of this run (metrics, tags, params) were not delivered"
+            in capsys.readouterr().out
+        )
+    finally:
+        cluster.stop_group(server["pgid"])

@@ -1,0 +1,235 @@
+"""Chaos suite: failures injected from outside into real runs on this machine. Slow; each test
+prints its timings (``pytest -s`` shows them).
+
+(a) a Ray node holding a training worker is killed mid-epoch on a real 2-node Ray cluster
+    (``ray.cluster_utils.Cluster``, every node on 127.0.0.1) and replaced: the run ends with the
+    same weights as an undisturbed run on the same cluster;
+(b) the MLflow server dies mid-run and comes back: training goes on, and the metrics of the outage
+    are logged once it is back (buffered in the rank-0 tracker);
+(c) the process writing a checkpoint is killed during the write: the previous checkpoint stays
+    loadable and is the one a resume picks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ops.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from orchestration.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(shards, tmp_path, *overrides):
+    return load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"data.shards={shards}",
+            f"checkpoint.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            "ensemble.members=1",
+            "ensemble.register=false",
+            "tracking.log_every_steps=100",
+            *overrides,
+        ],
+        root=str(REPO),
+    )
+
+
+def _wait_for(predicate, timeout: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+# ---- (a) node loss on a 2-node cluster --------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node on 127.0.0.1
+    import ray
+    from ray.cluster_utils import Cluster
+
+    start = time.monotonic()
+    # The head runs the driver-side actors (controller, 0 CPUs); each worker node has room for one
+    # training worker, so a 2-worker run spans both nodes.
+    # (the head's dashboard serves the state API that Ray Train's placement-group cleaner polls)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    cluster.wait_for_nodes()
+    print(f"\n[chaos] 2-node cluster up in {time.monotonic() - start:.1f}s")
+    yield cluster, nodes
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_node_killed_mid_epoch_ends_with_the_undisturbed_weights(
+    two_node_cluster, small_cifar_shards, tmp_path
+):
+    from orchestration.ensemble import run_training
+
+    cluster, nodes = two_node_cluster
+    common = ("schedule.epochs=3", "checkpoint.max_failures=2")
+    start = time.monotonic()
+    clean = run_training(_cfg(small_cifar_shards, tmp_path, *common, "checkpoint.name=clean"), REPO)
+    clean_s = time.monotonic() - start
+
+    cfg = _cfg(small_cifar_shards, tmp_path, *common, "checkpoint.name=chaos")
+    run_dir = Path(cfg.checkpoint.storage_path) / "chaos"
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, REPO)), daemon=True)
+    start = time.monotonic()
+    thread.start()
+    # epoch 1 checkpointed: the node dies a moment into epoch 2 (31 steps of ~0.12 s per epoch)
+    _wait_for(lambda: any(run_dir.glob("checkpoint_*")), 300, "the first checkpoint")
+    time.sleep(1.5)
+    killed_at = time.monotonic() - start
+    cluster.remove_node(nodes[1], allow_graceful=False)  # raylet and its workers, SIGKILL
+    nodes[1] = cluster.add_node(num_cpus=1)  # the replacement node the run restarts on
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the run did not finish after the node loss"
+    chaos_s = time.monotonic() - start
+    print(
+        f"[chaos a] undisturbed run {clean_s:.1f}s; node killed at {killed_at:.1f}s; "
+        f"run with the loss {chaos_s:.1f}s"
+    )
+
+    (c,), (b,) = clean.members, outcome["result"].members
+    pc, pb = load_checkpoint(c.checkpoint_dir), load_checkpoint(b.checkpoint_dir)
+    assert (pb["epoch"], pb["step"]) == (pc["epoch"], pc["step"]) == (3, 3 * 31)
+    for part in ("model", "ema"):
+        for key, value in pc[part].items():
+            assert torch.allclose(pb[part][key].float(), value.float(), atol=1e-5), (part, key)
+    assert b.metrics["val_top1"] == pytest.approx(c.metrics["val_top1"])
+
+
+# ---- (b) the MLflow server dies mid-run and comes back ----------------------------------------
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_mlflow_outage_mid_run_loses_no_metric(two_node_cluster, small_cifar_shards, tmp_path):
+    from mlflow import MlflowClient
+
+    from ops import cluster as services
+    from orchestration.ensemble import run_training
+
+    state = tmp_path / "mlflow"
+    state.mkdir()
+    server = services.start_mlflow(state, 0, timeout=120)
+    uri, port = server["url"], server["port"]
+    cfg = _cfg(
+        small_cifar_shards,
+        tmp_path,
+        "schedule.epochs=4",
+        "checkpoint.name=outage",
+        f"tracking.uri={uri}",
+        "tracking.log_every_steps=5",
+    )
+    run_dir = Path(cfg.checkpoint.storage_path) / "outage"
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, REPO)), daemon=True)
+    start = time.monotonic()
+    try:
+        thread.start()
+        _wait_for(lambda: any(run_dir.glob("checkpoint_*")), 300, "the first checkpoint")
+        os.killpg(server["pgid"], signal.SIGKILL)
+        down_at = time.monotonic() - start
+        time.sleep(8.0)  # epoch 2 ends (and is logged) while the server is down
+        server = services.start_mlflow(state, port, timeout=120)
+        assert server["port"] == port  # back on the same URL
+        up_at = time.monotonic() - start
+        thread.join(timeout=600)
+        assert not thread.is_alive() and "result" in outcome, "training did not finish"
+        print(
+            f"\n[chaos b] server down from {down_at:.1f}s to {up_at:.1f}s; "
+            f"run ended at {time.monotonic() - start:.1f}s"
+        )
+        (member,) = outcome["result"].members
+        client = MlflowClient(uri)
+        epochs = sorted(m.step for m in client.get_metric_history(member.run_id, "val_top1"))
+        assert epochs == [1, 2, 3, 4]  # every epoch's figures, the outage's included
+        steps = sorted(m.step for m in client.get_metric_history(member.run_id, "train/loss"))
+        assert steps == list(range(5, 4 * 31 + 1, 5))
+        assert client.get_run(member.run_id).info.status == "FINISHED"
+    finally:
+        services.stop_group(server["pgid"])
+
+
+# ---- (c) killed while writing a checkpoint -----------------------------------------------------
+WRITER = """
+import sys, torch
+from ops.checkpoint import save_checkpoint
+big = {"w": torch.ones(64, 1024, 1024)}  # 256 MB: the write takes long enough to be interrupted
+payload = {"model_spec": {}, "model": big, "ema": big, "epoch": 2, "step": 20, "config": {},
+           "class_names": []}
+print("writing", flush=True)
+save_checkpoint(sys.argv[1], payload)
+print("written", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_killed_during_checkpoint_write_keeps_the_previous_one(tmp_path):
+    from orchestration.trainer import newest_local_checkpoint
+
+    ckpt = tmp_path / "runs" / "job" / "checkpoint_2026-01-01_00-00-01.000000"
+    small = {"w": torch.arange(6.0)}
+    save_checkpoint(
+        ckpt,
+        {
+            "model_spec": {},
+            "model": small,
+            "ema": small,
+            "epoch": 1,
+            "step": 10,
+            "config": {},
+            "class_names": [],
+        },
+    )
+    before = (ckpt / CHECKPOINT_FILE).read_bytes()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(ckpt)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    waited = _wait_for(
+        lambda: (
+            any(ckpt.glob(".checkpoint-*.tmp"))
+            and next(ckpt.glob(".checkpoint-*.tmp")).stat().st_size > 1 << 20
+        ),
+        120,
+        "the write to start",
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = next(ckpt.glob(".checkpoint-*.tmp"))
+    print(
+        f"\n[chaos c] killed {waited:.2f}s into the write of a 268 MB checkpoint, "
+        f"{partial.stat().st_size / 1e6:.0f} MB written"
+    )
+    assert (ckpt / CHECKPOINT_FILE).read_bytes() == before  # the last complete checkpoint, untouched
+    assert load_checkpoint(ckpt)["epoch"] == 1
+
+    # the same kill while Ray copies a reported checkpoint into the storage path leaves a newer
+    # folder with a partial file: a resume skips it and takes the last complete one
+    newer = ckpt.parent / "checkpoint_2026-01-01_00-00-02.000000"
+    newer.mkdir()
+    (newer / CHECKPOINT_FILE).write_bytes(partial.read_bytes()[: 1 << 20])
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        [f"checkpoint.storage_path={tmp_path / 'runs'}", "checkpoint.name=job"],
+        root=str(REPO),
+    )
+    assert newest_local_checkpoint(cfg, newer_than_epoch=0) == ckpt
