@@ -25,24 +25,13 @@ import torch
 
 from ops.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from orchestration.config import load_config
+from tests.orchestration.test_ray_training import _cfg as run_cfg
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(shards, tmp_path, *overrides):
-    return load_config(
-        REPO / "configs" / "demo.yaml",
-        [
-            f"data.shards={shards}",
-            f"checkpoint.storage_path={tmp_path / 'runs'}",
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            "ensemble.members=1",
-            "ensemble.register=false",
-            "tracking.log_every_steps=100",
-            *overrides,
-        ],
-        root=str(REPO),
-    )
+    return run_cfg(shards, tmp_path, "tracking.log_every_steps=100", *overrides)
 
 
 def _wait_for(predicate, timeout: float, what: str) -> float:
