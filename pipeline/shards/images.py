@@ -32,6 +32,7 @@ from pipeline.shards.archives import Locator
 DEFAULT_QUALITY = 90  # FFCV's RGBImageField default jpeg_quality
 DRAFT_SCALE = 8  # libjpeg's smallest DCT scaling factor (1/8)
 EXIF_ORIENTATION = 0x0112
+TURNED = (2, 3, 4, 5, 6, 7, 8)  # EXIF orientations other than "normal" (1)
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,9 @@ def process_bytes(data: bytes, opts: ImageOptions) -> Processed:
     try:
         img = Image.open(io.BytesIO(data))
         img_format, mode, size = img.format, img.mode, img.size
-        rotated = exif_orientation(img) not in (1, None)
-        if rotated and exif_orientation(img) in (5, 6, 7, 8):  # turned by 90 degrees: w and h swap
+        orientation = exif_orientation(img)
+        rotated = orientation in TURNED  # 0 and other values outside 1..8 mean nothing (exif_transpose too)
+        if orientation in (5, 6, 7, 8):  # turned by 90 degrees: w and h swap
             size = (size[1], size[0])
         size_out = target_size(*size, opts)
         passthrough = img_format == "JPEG" and mode == "RGB" and size_out is None and not rotated

@@ -52,9 +52,10 @@ def test_build_turns_exif_rotated_photos_upright(orientation):
     assert exif_orientation(stored) is None  # the tag is gone: no reader turns it again
     assert (out.width, out.height) == stored.size == (upright.shape[1], upright.shape[0])
     assert np.abs(np.asarray(stored, dtype=np.int16) - upright).mean() < 2.0  # one JPEG re-encode
-    # a plain RGB JPEG (or orientation 1) still passes through byte for byte
-    plain = _with_orientation(_pattern(), 1)
-    assert process_bytes(plain, ImageOptions()).data == plain
+    # a plain RGB JPEG (orientation 1, or the meaningless 0 some cameras write) passes through byte for byte
+    for meaningless in (1, 0):
+        plain = _with_orientation(_pattern(), meaningless)
+        assert process_bytes(plain, ImageOptions()).data == plain
 
 
 def test_predict_preprocessing_applies_the_orientation_of_raw_uploads():

@@ -39,7 +39,9 @@ def test_imagenet_sample_images(real_data_dir, tmp_path):
     assert manifest.classes[0].name == "n01440764" and manifest.classes[0].description == "tench, Tinca tinca"
     info = manifest.split("val")
     assert info.num_samples == 1000 and [s.count for s in info.shards] == [250] * 4 and info.skipped == ()
-    assert info.params["actions"] == {"converted": 23, "passthrough": 977}  # the 23 grayscale images
+    # the 23 grayscale images; n02951585_can_opener.JPEG carries EXIF orientation 6 (two others carry
+    # the meaningless 0 and pass through)
+    assert info.params["actions"] == {"converted": 23, "oriented": 1, "passthrough": 976}
     labels = imagenet_labels(real_data_dir)
     got = read_back(out, "val")
     assert sorted(g["lbl"] for g in got.values()) == list(range(1000))
@@ -48,7 +50,9 @@ def test_imagenet_sample_images(real_data_dir, tmp_path):
             row = labels[g["json"]["source"]]
             assert g["lbl"] == int(row["index_1000"]) and g["json"]["class"] == row["synset"]
             original = tf.extractfile("./" + row["file"]).read()
-            if Image.open(io.BytesIO(original)).mode == "RGB":
+            if row["file"] == "n02951585_can_opener.JPEG":  # 392x294 stored, 294x392 upright
+                assert Image.open(io.BytesIO(g["jpg"])).size == (294, 392)
+            elif Image.open(io.BytesIO(original)).mode == "RGB":
                 assert g["jpg"] == original
             else:
                 assert Image.open(io.BytesIO(g["jpg"])).mode == "RGB"
