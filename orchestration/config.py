@@ -40,6 +40,14 @@ class ModelConfig:
     amp: str = "auto"  # "auto": bfloat16 autocast on CUDA only | "bf16" | "off"
     channels_last: str = "auto"  # "auto": on CUDA only | "on" | "off"
     compile: bool = False  # torch.compile the model (GPU throughput; slow to start)
+    # BatchNorm running-average momentum, PyTorch's convention (new = (1 - m) * old + m * batch):
+    # 0.1 is PyTorch's default; TF-slim's Inception-v3 uses decay 0.9997, i.e. m = 0.0003
+    bn_momentum: float = 0.1
+    dropout: float | None = None  # drop probability before the classifier; None: the model's default
+    # Ablations of paper Table 3 (models/inception_v3.py, models/googlenet.py):
+    stem: str = "factorized"  # inception_v3: "factorized" (3x3 stack, paper §6) | "7x7" (v2 baseline)
+    aux_bn: bool = True  # inception_v3: batch norm in the auxiliary head's fc ("BN-auxiliary", paper §7)
+    branch3_kernel: int = 5  # googlenet: 5 (paper's 5x5 branch) | 3 (torchvision's layout)
 
     def __post_init__(self) -> None:
         _check(
@@ -51,8 +59,27 @@ class ModelConfig:
                 "width_mult": self.width_mult > 0,
                 "amp": self.amp in ("auto", "bf16", "off"),
                 "channels_last": self.channels_last in ("auto", "on", "off"),
+                "bn_momentum": 0 < self.bn_momentum <= 1,
+                "dropout": self.dropout is None or 0 <= self.dropout < 1,
+                "stem": self.stem in ("factorized", "7x7"),
+                "branch3_kernel": self.branch3_kernel in (3, 5),
             },
         )
+        if self.name != "inception_v3" and (self.stem != "factorized" or not self.aux_bn):
+            raise ConfigError("model.stem / model.aux_bn: Inception-v3 ablations; model.name is " + self.name)
+        if self.name != "googlenet" and self.branch3_kernel != 5:
+            raise ConfigError("model.branch3_kernel: a GoogLeNet option; model.name is " + self.name)
+
+    def build_options(self) -> dict[str, Any]:
+        """Constructor options of ``models.build_model(self.name, ...)`` (also stored in checkpoints)."""
+        options: dict[str, Any] = {"aux_logits": self.aux_logits, "width_mult": self.width_mult}
+        if self.dropout is not None:
+            options["dropout"] = self.dropout
+        if self.name == "inception_v3":
+            options.update(stem=self.stem, aux_bn=self.aux_bn)
+        else:
+            options.update(branch3_kernel=self.branch3_kernel)
+        return options
 
 
 @dataclass(frozen=True)
@@ -66,6 +93,12 @@ class OptimConfig:
     eps: float = 1.0  # paper §8: ε = 1.0 (inside the square root, TF style)
     weight_decay: float = 4e-5  # TF-slim inception_v3_arg_scope default weight_decay=0.00004 (L2 on weights)
     clip_grad_norm: float = 2.0  # paper §8: gradient clipping with threshold 2.0 (0 = off)
+    # "per_tensor": each variable's gradient clipped to the threshold on its own, as TF-slim's
+    # create_train_op(clip_gradient_norm=...) -> clip_gradient_norms; "global": one norm over all
+    clip_mode: str = "per_tensor"
+    # "in_loss": the L2 term's gradient (wd * w) joins the loss gradient before clipping, as TF-slim's
+    # weights_regularizer (part of the total loss); "after_clip": added by the optimizer after clipping
+    weight_decay_placement: str = "in_loss"
     label_smoothing: float = 0.1  # paper §7: ε = 0.1
 
     def __post_init__(self) -> None:
@@ -82,6 +115,8 @@ class OptimConfig:
                 "eps": self.eps > 0,
                 "weight_decay": self.weight_decay >= 0,
                 "clip_grad_norm": self.clip_grad_norm >= 0,
+                "clip_mode": self.clip_mode in ("per_tensor", "global"),
+                "weight_decay_placement": self.weight_decay_placement in ("in_loss", "after_clip"),
                 "label_smoothing": 0 <= self.label_smoothing < 1,
             },
         )

@@ -23,7 +23,7 @@ from torch import nn
 
 from orchestration.ema import ModelEma
 from orchestration.losses import label_smoothing_cross_entropy, training_loss
-from orchestration.optim import clip_gradients
+from orchestration.optim import add_weight_decay, clip_gradients, parameter_groups
 from orchestration.schedule import LrSchedule
 
 
@@ -35,6 +35,8 @@ class LoopSettings:
     aux_weights: tuple[float, ...]
     label_smoothing: float
     clip_grad_norm: float
+    clip_mode: str = "global"  # "global" | "per_tensor" (orchestration.optim.clip_gradients)
+    loss_weight_decay: float = 0.0  # L2 added to weight gradients before clipping (optim.loss_weight_decay)
     log_every: int = 50
     max_steps: int = 0  # >0: stop the epoch early (smoke runs)
     max_eval_batches: int = 0
@@ -196,6 +198,8 @@ def train_one_epoch(
     summed on the device and read at log points and at the end of the epoch.
     """
     model.train()
+    # the weights TF-slim's regulariser covers (conv / linear weights), for an L2 term in the loss
+    decayed = parameter_groups(ema_target, 0.0)[0]["params"] if s.loss_weight_decay else []
     clock = DataWaitClock(s.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
     samples = steps = 0
@@ -215,7 +219,9 @@ def train_one_epoch(
             loss = training_loss(out.logits, out.aux_logits, labels, s.aux_weights, s.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = clip_gradients(model, s.clip_grad_norm)
+        if s.loss_weight_decay:
+            add_weight_decay(decayed, s.loss_weight_decay)
+        grad_norm = clip_gradients(model, s.clip_grad_norm, s.clip_mode)
         optimizer.step()
         schedule.step()
         if ema is not None:

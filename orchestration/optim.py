@@ -137,9 +137,24 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def loss_weight_decay(cfg: OptimConfig) -> float:
+    """The L2 coefficient the loop adds to the gradients before clipping (``in_loss``), else 0."""
+    return cfg.weight_decay if cfg.weight_decay_placement == "in_loss" else 0.0
+
+
+def add_weight_decay(params: list[torch.Tensor], weight_decay: float) -> None:
+    """``g += wd * w`` on each of ``params`` (the gradient of ``wd/2 * ||w||^2``, TF-slim's
+    ``weights_regularizer`` term of the loss); ``params`` as ``parameter_groups``' decayed group."""
+    with_grad = [p for p in params if p.grad is not None]
+    if weight_decay and with_grad:
+        torch._foreach_add_([p.grad for p in with_grad], with_grad, alpha=weight_decay)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg`` at (already scaled) learning rate ``lr``."""
-    groups = parameter_groups(model, cfg.weight_decay)
+    """The optimizer named by ``cfg`` at (already scaled) learning rate ``lr``. With
+    ``weight_decay_placement: in_loss`` the loop adds the decay before clipping and the optimizer
+    adds none; with ``after_clip`` the optimizer adds it to the (clipped) gradient."""
+    groups = parameter_groups(model, 0.0 if cfg.weight_decay_placement == "in_loss" else cfg.weight_decay)
     if cfg.name == "rmsprop_tf":
         return RMSpropTF(groups, lr=lr, decay=cfg.decay, momentum=cfg.momentum, eps=cfg.eps)
     if cfg.name == "sgd":
@@ -147,13 +162,27 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     raise ValueError(f"optim.name: unknown optimizer {cfg.name!r} (rmsprop_tf | sgd)")
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip to global L2 norm ``max_norm`` (paper §8: threshold 2.0; 0 = off); returns the norm before
-    clipping as a 0-d tensor on the gradients' device. Reading it (``float``) waits for the GPU, so the
-    loop reads it only when it logs (``train/grad_norm``)."""
+def clip_gradients(model: nn.Module, max_norm: float, mode: str = "global") -> torch.Tensor:
+    """Clip the gradients at ``max_norm`` (paper §8: threshold 2.0; 0 = off) and return the global
+    L2 norm before clipping as a 0-d tensor on the gradients' device. Reading it (``float``) waits for
+    the GPU, so the loop reads it only when it logs (``train/grad_norm``).
+
+    ``mode="global"``: one norm over all gradients, every gradient scaled by ``min(1, max_norm /
+    norm)`` (``torch.nn.utils.clip_grad_norm_``). ``mode="per_tensor"``: each tensor's gradient on
+    its own, ``g * max_norm / max(||g||, max_norm)``, as TF's ``clip_by_norm`` per variable in
+    TF-slim's ``clip_gradient_norms`` (what ``create_train_op(clip_gradient_norm=...)`` applies)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return torch.zeros(())
-    if max_norm > 0:  # scales in place by min(1, max_norm / norm), computed on the device: no sync
+    if mode not in ("global", "per_tensor"):
+        raise ValueError(f"clip mode must be global or per_tensor, got {mode!r}")
+    if max_norm > 0 and mode == "global":  # in place by min(1, max_norm / norm), on the device: no sync
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    grads = [p.grad for p in params]
+    if max_norm > 0:  # per tensor, on the device: no sync
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        scales = torch._foreach_div(torch._foreach_clamp_min(norms, max_norm), max_norm)
+        torch._foreach_div_(grads, scales)  # g * max_norm / max(||g||, max_norm)
+        return total
+    return torch.nn.utils.get_total_norm(grads, foreach=True)

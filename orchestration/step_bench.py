@@ -20,7 +20,7 @@ from models import ModelOutputs
 from orchestration.config import OptimConfig, ScheduleConfig
 from orchestration.ema import ModelEma
 from orchestration.loop import LoopSettings, train_one_epoch
-from orchestration.optim import build_optimizer
+from orchestration.optim import build_optimizer, loss_weight_decay
 from orchestration.schedule import LrSchedule
 
 AUX_WEIGHT = 0.4  # TF-slim's weight of the auxiliary loss, as models.inception_v3.AUX_LOSS_WEIGHT
@@ -88,6 +88,8 @@ def loop_settings_for(
         aux_weights=aux_weights,
         label_smoothing=optim.label_smoothing,
         clip_grad_norm=optim.clip_grad_norm,
+        clip_mode=optim.clip_mode,
+        loss_weight_decay=loss_weight_decay(optim),
         log_every=10**9,
     )
 

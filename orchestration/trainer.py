@@ -30,7 +30,7 @@ from orchestration.config import TrainConfig, flatten, to_yaml
 from orchestration.console import TRAIN_LOG_LEVEL, epoch_line, silence_report_lines, training_eta
 from orchestration.ema import ModelEma
 from orchestration.loop import LoopSettings, evaluate, train_one_epoch
-from orchestration.optim import build_optimizer
+from orchestration.optim import build_optimizer, loss_weight_decay
 from orchestration.schedule import LrSchedule, scaled_lr, warmup_epochs
 
 
@@ -127,6 +127,14 @@ def restore_training_state(
     return int(payload["epoch"]), int(payload["step"])
 
 
+def set_bn_momentum(model: torch.nn.Module, momentum: float) -> int:
+    """Every BatchNorm's running-average momentum (``model.bn_momentum``); returns how many."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = momentum
+    return len(norms)
+
+
 def loop_settings(
     cfg: TrainConfig, model: torch.nn.Module, device: torch.device, rank: int, world_size: int
 ) -> LoopSettings:
@@ -140,6 +148,8 @@ def loop_settings(
         aux_weights=tuple(getattr(model, "aux_loss_weights", ())),
         label_smoothing=cfg.optim.label_smoothing,
         clip_grad_norm=cfg.optim.clip_grad_norm,
+        clip_mode=cfg.optim.clip_mode,
+        loss_weight_decay=loss_weight_decay(cfg.optim),
         log_every=cfg.tracking.log_every_steps,
         max_steps=cfg.debug.max_steps_per_epoch,
         max_eval_batches=cfg.debug.max_eval_batches,
@@ -180,13 +190,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     manifest = load_manifest(cfg.data.shards)
     num_classes = cfg.model.num_classes or manifest.num_classes
-    model_spec = {
-        "name": cfg.model.name,
-        "num_classes": num_classes,
-        "options": {"aux_logits": cfg.model.aux_logits, "width_mult": cfg.model.width_mult},
-    }
+    model_spec = {"name": cfg.model.name, "num_classes": num_classes, "options": cfg.model.build_options()}
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model = models.build_model(model_spec["name"], num_classes, **model_spec["options"])
+    set_bn_momentum(model, cfg.model.bn_momentum)
     s = loop_settings(cfg, model, device, rank, world_size)
     model = model.to(device, memory_format=torch.channels_last if s.channels_last else torch.preserve_format)
     ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None

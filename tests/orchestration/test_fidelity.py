@@ -1,0 +1,172 @@
+"""Paper fidelity options: per-tensor vs global clipping and the weight decay's place against hand
+values, BatchNorm momentum, the model options reachable from the config, the Table 3 ladder
+recipes, and configs/imagenet.yaml training a few steps."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from orchestration.config import ConfigError, OptimConfig, load_config
+from orchestration.optim import add_weight_decay, build_optimizer, clip_gradients, loss_weight_decay
+from orchestration.trainer import set_bn_momentum
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _two_tensors(g1, g2) -> nn.Module:
+    m = nn.ParameterList([nn.Parameter(torch.zeros(len(g1))), nn.Parameter(torch.zeros(len(g2)))])
+    m[0].grad, m[1].grad = torch.tensor(g1), torch.tensor(g2)
+    return m
+
+
+def test_per_tensor_and_global_clipping_by_hand():
+    # gradients with norms 5 and 1, threshold 2: per tensor only the first is scaled (by 2/5);
+    # globally both are scaled by 2/sqrt(26). Either way the norm before clipping is returned.
+    per = _two_tensors([3.0, 4.0], [0.6, 0.8])
+    norm = clip_gradients(per, 2.0, "per_tensor")
+    assert norm.item() == pytest.approx(math.sqrt(26))
+    torch.testing.assert_close(per[0].grad, torch.tensor([1.2, 1.6]))
+    torch.testing.assert_close(per[1].grad, torch.tensor([0.6, 0.8]))  # below the threshold: untouched
+    glob = _two_tensors([3.0, 4.0], [0.6, 0.8])
+    assert clip_gradients(glob, 2.0, "global").item() == pytest.approx(math.sqrt(26))
+    scale = 2.0 / math.sqrt(26)
+    torch.testing.assert_close(glob[0].grad, torch.tensor([3.0, 4.0]) * scale)
+    torch.testing.assert_close(glob[1].grad, torch.tensor([0.6, 0.8]) * scale)
+    off = _two_tensors([3.0, 4.0], [0.6, 0.8])
+    assert clip_gradients(off, 0.0, "per_tensor").item() == pytest.approx(math.sqrt(26))
+    torch.testing.assert_close(off[0].grad, torch.tensor([3.0, 4.0]))
+    with pytest.raises(ValueError, match="per_tensor"):
+        clip_gradients(off, 1.0, "layerwise")
+
+
+def test_weight_decay_inside_or_after_the_clipped_gradient():
+    layer = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[10.0, 0.0]]))
+    layer.weight.grad = torch.tensor([[0.0, 1.0]])
+    in_loss = OptimConfig(
+        name="sgd", weight_decay=0.1, weight_decay_placement="in_loss", clip_mode="per_tensor"
+    )
+    # TF-slim: the L2 gradient 0.1 * w = [1, 0] joins the loss gradient, then the sum [1, 1] is clipped
+    add_weight_decay([layer.weight], loss_weight_decay(in_loss))
+    clip_gradients(layer, 1.0, "per_tensor")
+    torch.testing.assert_close(layer.weight.grad, torch.tensor([[1.0, 1.0]]) / math.sqrt(2))
+    assert [g["weight_decay"] for g in build_optimizer(layer, in_loss, 0.1).param_groups] == [0.0, 0.0]
+    # after_clip: the clip sees [0, 1] alone (norm 1, untouched); the optimizer adds the decay after it
+    after = OptimConfig(name="sgd", weight_decay=0.1, weight_decay_placement="after_clip")
+    assert loss_weight_decay(after) == 0.0
+    assert [g["weight_decay"] for g in build_optimizer(layer, after, 0.1).param_groups] == [0.1, 0.0]
+
+
+def test_bn_momentum_sets_every_batch_norm_and_its_running_average():
+    net = models.build_model("inception_v3", 10, width_mult=0.125)
+    assert set_bn_momentum(net, 0.0003) == sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) > 90
+    bn = nn.BatchNorm2d(1)
+    set_bn_momentum(bn, 0.0003)
+    x = torch.full((4, 1, 2, 2), 5.0)
+    bn.train()(x)
+    # PyTorch convention: running = (1 - m) * running + m * batch_mean (TF-slim decay 0.9997)
+    assert bn.running_mean.item() == pytest.approx(0.0003 * 5.0)
+
+
+def test_model_options_reach_the_model_from_the_config():
+    cfg = load_config(
+        None, ["model.stem=7x7", "model.aux_bn=false", "model.dropout=0.2", "model.width_mult=0.25"]
+    )
+    options = cfg.model.build_options()
+    assert options == {"aux_logits": True, "width_mult": 0.25, "dropout": 0.2, "stem": "7x7", "aux_bn": False}
+    net = models.build_model(cfg.model.name, 10, **options)
+    assert net.stem == "7x7" and net.dropout.p == 0.2
+    g = load_config(None, ["model.name=googlenet", "model.branch3_kernel=3"]).model.build_options()
+    assert g["branch3_kernel"] == 3 and "stem" not in g
+    for bad, message in (
+        (["model.stem=5x5"], "model.stem: invalid value"),
+        (["model.name=googlenet", "model.aux_bn=false"], "Inception-v3 ablations"),
+        (["model.branch3_kernel=3"], "a GoogLeNet option"),
+        (["optim.clip_mode=layerwise"], "optim.clip_mode: invalid value"),
+        (["model.bn_momentum=0"], "model.bn_momentum: invalid value"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, bad)
+
+
+LADDER = {  # Table 3 rung -> (optimizer, label smoothing, stem, aux_bn, parameters at 1000 classes)
+    "1-inception-v2": ("sgd", 0.0, "7x7", False, 27_141_264),
+    "2-rmsprop": ("rmsprop_tf", 0.0, "7x7", False, 27_141_264),
+    "3-label-smoothing": ("rmsprop_tf", 0.1, "7x7", False, 27_141_264),
+    "4-factorized-7x7": ("rmsprop_tf", 0.1, "factorized", False, 27_160_496),
+    "5-bn-auxiliary": ("rmsprop_tf", 0.1, "factorized", True, 27_161_264),
+}
+
+
+def test_ablation_ladder_recipes_build_the_models_they_name():
+    assert sorted(p.stem for p in (REPO / "configs" / "ablations").glob("*.yaml")) == sorted(LADDER)
+    for name, (opt, smoothing, stem, aux_bn, params) in LADDER.items():
+        cfg = load_config(REPO / "configs" / "ablations" / f"{name}.yaml", [], root=str(REPO))
+        assert (cfg.optim.name, cfg.optim.label_smoothing, cfg.model.stem, cfg.model.aux_bn) == (
+            opt,
+            smoothing,
+            stem,
+            aux_bn,
+        ), name
+        net = models.build_model(cfg.model.name, 1000, **cfg.model.build_options())
+        assert sum(p.numel() for p in net.parameters()) == params, name
+    top = load_config(REPO / "configs" / "ablations" / "5-bn-auxiliary.yaml", [], root=str(REPO))
+    paper = load_config(REPO / "configs" / "imagenet.yaml", [], root=str(REPO))
+    assert (top.model, top.optim, top.data, top.schedule) == (
+        paper.model,
+        paper.optim,
+        paper.data,
+        paper.schedule,
+    )
+
+
+def test_imagenet_recipe_defaults_are_the_reference_implementations():
+    cfg = load_config(REPO / "configs" / "imagenet.yaml", [], root=str(REPO))
+    assert (cfg.optim.clip_mode, cfg.optim.weight_decay_placement, cfg.optim.clip_grad_norm) == (
+        "per_tensor",
+        "in_loss",
+        2.0,
+    )
+    assert (cfg.model.bn_momentum, cfg.model.dropout, tuple(cfg.data.crop_area)) == (0.0003, 0.2, (0.05, 1.0))
+
+
+@pytest.mark.slow
+def test_imagenet_recipe_trains_a_few_steps(tmp_path):
+    """configs/imagenet.yaml's model, optimizer, clipping and weight decay, 3 steps at 299 px on CPU."""
+    from orchestration.loop import train_one_epoch
+    from orchestration.schedule import LrSchedule, scaled_lr, warmup_epochs
+    from orchestration.trainer import loop_settings
+    from pipeline import make_loader
+    from tests.pipeline.shard_fixtures import write_coded_shards
+
+    write_coded_shards(tmp_path, {"train": 8}, num_classes=4, shard_size=8, sizes=((320, 320),))
+    cfg = load_config(
+        REPO / "configs" / "imagenet.yaml",
+        [f"data.shards={tmp_path}", "data.batch_size=2", "data.num_threads=1", "model.num_classes=4"],
+        root=str(REPO),
+    )
+    torch.manual_seed(0)
+    net = models.build_model(cfg.model.name, 4, **cfg.model.build_options())
+    set_bn_momentum(net, cfg.model.bn_momentum)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    s = loop_settings(cfg, net, torch.device("cpu"), 0, 1)
+    assert (s.clip_mode, s.loss_weight_decay) == ("per_tensor", 4e-5)
+    lr = scaled_lr(cfg.optim, cfg.global_batch())
+    optimizer = build_optimizer(net, cfg.optim, lr)
+    loader = make_loader(cfg.data, "train", 0, 1, "cpu")
+    schedule = LrSchedule(
+        optimizer, lr, len(loader), cfg.schedule, warmup_epochs(cfg.schedule, cfg.global_batch())
+    )
+    metrics, step = train_one_epoch(net, loader, optimizer, schedule, None, net, s, 0)
+    assert step == 4 and math.isfinite(metrics["train_loss"])
+    moved = [
+        k for k, v in net.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])
+    ]
+    assert "fc.weight" in moved and any("running_mean" in k for k in moved)
