@@ -85,7 +85,7 @@ def test_two_workers_learn_and_track(ray_2cpu, small_cifar_shards, tmp_path):
     assert payload["model_spec"] == {
         "name": "inception_v3",
         "num_classes": 10,
-        "options": {"aux_logits": True, "width_mult": 0.25},
+        "options": {"aux_logits": True, "width_mult": 0.25, "stem": "factorized", "aux_bn": True},
     }
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in payload["model"])
     assert payload["extra"]["ema_updates"] == 155 and len(payload["extra"]["rng"]) == 2
