@@ -14,6 +14,13 @@ torchvision uses a 3x3 kernel in the "5x5" branch (a known bug kept for its weig
 pytorch/vision#906). The default here is the paper's 5x5 (``branch3_kernel=5``);
 ``branch3_kernel=3`` reproduces torchvision's layout exactly so its weights load.
 
+torchvision also pools differently from the paper in two places (no parameters are involved, so
+weights load either way): the auxiliary heads pool adaptively to 4x4 where the paper uses 5x5
+average pooling with stride 3 (4x4 from the 14x14 grid at 224 px), and ``maxpool4`` is 2x2/2 where
+the paper's Table 1 has 3x3/2. ``pooling="paper"`` (the default) follows the paper (the auxiliary
+pooling stays adaptive at input sizes whose grid is not 14x14, where 5x5/3 would not give 4x4);
+``pooling="torchvision"`` reproduces torchvision's outputs.
+
 Parameters with 1000 classes:
     branch3_kernel=5 (paper):       7,005,832 with aux heads 13,385,816
     branch3_kernel=3 (torchvision): 6,624,904 with aux heads 13,004,888
@@ -86,8 +93,9 @@ class Inception(nn.Module):
 class InceptionAux(nn.Module):
     """Auxiliary classifier (paper section 5): avgpool to 4x4, 1x1 conv 128, fc 1024, dropout 0.7, fc."""
 
-    def __init__(self, in_channels: int, num_classes: int, scale) -> None:
+    def __init__(self, in_channels: int, num_classes: int, scale, paper_pool: bool = True) -> None:
         super().__init__()
+        self.paper_pool = paper_pool
         c128, c1024 = scale(128), scale(1024)
         self.conv = BasicConv2d(in_channels, c128, kernel_size=1)
         self.fc1 = nn.Linear(c128 * 4 * 4, c1024)
@@ -95,7 +103,10 @@ class InceptionAux(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # N x 512 x 14 x 14 (aux1) / N x 528 x 14 x 14 (aux2); paper: 5x5/3 average pooling -> 4x4
-        x = F.adaptive_avg_pool2d(x, (4, 4))
+        if self.paper_pool and x.shape[-2:] == (14, 14):
+            x = F.avg_pool2d(x, kernel_size=5, stride=3)
+        else:  # torchvision's layout, and the paper's at other input sizes
+            x = F.adaptive_avg_pool2d(x, (4, 4))
         x = torch.flatten(self.conv(x), 1)
         # N x 2048
         x = F.relu(self.fc1(x), inplace=True)
@@ -115,12 +126,16 @@ class GoogLeNet(nn.Module):
         width_mult: float = 1.0,
         dropout: float = 0.4,
         transform_input: bool = False,
+        pooling: str = "paper",
     ) -> None:
         super().__init__()
         num_classes = check_num_classes(num_classes)
         width_mult = check_width_mult(width_mult)
         if branch3_kernel not in (3, 5):
             raise ValueError(f"branch3_kernel must be 5 (paper) or 3 (torchvision), got {branch3_kernel!r}")
+        if pooling not in ("paper", "torchvision"):
+            raise ValueError(f"pooling must be 'paper' or 'torchvision', got {pooling!r}")
+        self.pooling = pooling
         self.num_classes = num_classes
         self.width_mult = width_mult
         self.transform_input = bool(transform_input)
@@ -142,12 +157,14 @@ class GoogLeNet(nn.Module):
             if name == "inception3b":
                 self.maxpool3 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
             elif name == "inception4e":
-                self.maxpool4 = nn.MaxPool2d(2, stride=2, ceil_mode=True)
+                kernel = 3 if pooling == "paper" else 2  # paper Table 1: 3x3/2; torchvision: 2x2/2
+                self.maxpool4 = nn.MaxPool2d(kernel, stride=2, ceil_mode=True)
         self.aux1: InceptionAux | None = None
         self.aux2: InceptionAux | None = None
         if aux_logits:
-            self.aux1 = InceptionAux(self.inception4a.out_channels, num_classes, s)
-            self.aux2 = InceptionAux(self.inception4d.out_channels, num_classes, s)
+            paper_pool = pooling == "paper"
+            self.aux1 = InceptionAux(self.inception4a.out_channels, num_classes, s, paper_pool)
+            self.aux2 = InceptionAux(self.inception4d.out_channels, num_classes, s, paper_pool)
         self.num_features = channels
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(check_dropout(dropout))  # paper: 40%; torchvision: 20%
@@ -210,5 +227,5 @@ class GoogLeNet(nn.Module):
 
 
 def googlenet(num_classes: int = 1000, aux_logits: bool = True, **options) -> GoogLeNet:
-    """GoogLeNet; options: branch3_kernel, width_mult, dropout, transform_input (see ``GoogLeNet``)."""
+    """GoogLeNet; options: branch3_kernel, pooling, width_mult, dropout, transform_input (``GoogLeNet``)."""
     return GoogLeNet(num_classes=num_classes, aux_logits=aux_logits, **options)

@@ -48,6 +48,7 @@ class ModelConfig:
     stem: str = "factorized"  # inception_v3: "factorized" (3x3 stack, paper §6) | "7x7" (v2 baseline)
     aux_bn: bool = True  # inception_v3: batch norm in the auxiliary head's fc ("BN-auxiliary", paper §7)
     branch3_kernel: int = 5  # googlenet: 5 (paper's 5x5 branch) | 3 (torchvision's layout)
+    pooling: str = "paper"  # googlenet: "paper" (aux 5x5/3, maxpool4 3x3/2) | "torchvision"
 
     def __post_init__(self) -> None:
         _check(
@@ -63,12 +64,15 @@ class ModelConfig:
                 "dropout": self.dropout is None or 0 <= self.dropout < 1,
                 "stem": self.stem in ("factorized", "7x7"),
                 "branch3_kernel": self.branch3_kernel in (3, 5),
+                "pooling": self.pooling in ("paper", "torchvision"),
             },
         )
         if self.name != "inception_v3" and (self.stem != "factorized" or not self.aux_bn):
             raise ConfigError("model.stem / model.aux_bn: Inception-v3 ablations; model.name is " + self.name)
-        if self.name != "googlenet" and self.branch3_kernel != 5:
-            raise ConfigError("model.branch3_kernel: a GoogLeNet option; model.name is " + self.name)
+        if self.name != "googlenet" and (self.branch3_kernel != 5 or self.pooling != "paper"):
+            raise ConfigError(
+                "model.branch3_kernel / model.pooling: GoogLeNet options; model.name is " + self.name
+            )
 
     def build_options(self) -> dict[str, Any]:
         """Constructor options of ``models.build_model(self.name, ...)`` (also stored in checkpoints)."""
@@ -78,7 +82,7 @@ class ModelConfig:
         if self.name == "inception_v3":
             options.update(stem=self.stem, aux_bn=self.aux_bn)
         else:
-            options.update(branch3_kernel=self.branch3_kernel)
+            options.update(branch3_kernel=self.branch3_kernel, pooling=self.pooling)
         return options
 
 

@@ -84,11 +84,12 @@ def test_model_options_reach_the_model_from_the_config():
     net = models.build_model(cfg.model.name, 10, **options)
     assert net.stem == "7x7" and net.dropout.p == 0.2
     g = load_config(None, ["model.name=googlenet", "model.branch3_kernel=3"]).model.build_options()
-    assert g["branch3_kernel"] == 3 and "stem" not in g
+    assert g["branch3_kernel"] == 3 and g["pooling"] == "paper" and "stem" not in g
     for bad, message in (
         (["model.stem=5x5"], "model.stem: invalid value"),
         (["model.name=googlenet", "model.aux_bn=false"], "Inception-v3 ablations"),
-        (["model.branch3_kernel=3"], "a GoogLeNet option"),
+        (["model.branch3_kernel=3"], "GoogLeNet options"),
+        (["model.pooling=torchvision"], "GoogLeNet options"),
         (["optim.clip_mode=layerwise"], "optim.clip_mode: invalid value"),
         (["model.bn_momentum=0"], "model.bn_momentum: invalid value"),
     ):
@@ -170,3 +171,27 @@ def test_imagenet_recipe_trains_a_few_steps(tmp_path):
         k for k, v in net.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])
     ]
     assert "fc.weight" in moved and any("running_mean" in k for k in moved)
+
+
+def test_googlenet_pools_as_the_paper_or_as_torchvision():
+    """Paper: auxiliary 5x5/3 average pooling (4x4 from the 14x14 grid at 224 px), maxpool4 3x3/2;
+    torchvision: adaptive 4x4 and 2x2/2. Same parameters, so torchvision weights load into both."""
+    torch.manual_seed(0)
+    paper = models.build_model("googlenet", 10, width_mult=0.25).eval()
+    tv = models.build_model("googlenet", 10, width_mult=0.25, pooling="torchvision").eval()
+    tv.load_state_dict(paper.state_dict())
+    assert paper.maxpool4.kernel_size == 3 and tv.maxpool4.kernel_size == 2
+    x = torch.randn(2, paper.inception4a.out_channels, 14, 14)
+    pooled = torch.nn.functional.avg_pool2d(x, 5, stride=3)  # by hand: windows at 0, 3, 6, 9
+    torch.testing.assert_close(pooled[..., 1, 2], x[..., 3:8, 6:11].mean(dim=(-2, -1)))
+    want = paper.aux1.fc2(torch.relu(paper.aux1.fc1(torch.flatten(paper.aux1.conv(pooled), 1))))
+    torch.testing.assert_close(paper.aux1(x), want)
+    adaptive = torch.nn.functional.adaptive_avg_pool2d(x, (4, 4))
+    assert not torch.allclose(adaptive, pooled)  # the two layouts differ at 224 px
+    want_tv = tv.aux1.fc2(torch.relu(tv.aux1.fc1(torch.flatten(tv.aux1.conv(adaptive), 1))))
+    torch.testing.assert_close(tv.aux1(x), want_tv)
+    grid = torch.randn(1, 4, 14, 14)
+    assert paper.maxpool4(grid).shape == tv.maxpool4(grid).shape == (1, 4, 7, 7)  # both keep the 7x7 grid
+    torch.testing.assert_close(paper.maxpool4(grid)[..., 1, 1], grid[..., 2:5, 2:5].amax(dim=(-2, -1)))
+    img = torch.randn(1, 3, 224, 224)
+    assert paper(img).shape == tv(img).shape == (1, 10)
