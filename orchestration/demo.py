@@ -255,14 +255,8 @@ def time_table(stages: dict[str, float], estimates: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def parse_crops(text: str) -> list[int]:
-    from ops.evaluate import parse_crops as parse
-
-    return parse(text)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from ops.evaluate import parse_subset
+    from ops.evaluate import parse_crops, parse_subset
 
     p = argparse.ArgumentParser(
         prog="python -m orchestration.demo",

@@ -81,11 +81,13 @@ def _read_index(path: Path) -> tuple[int, list[list[tuple[str, int, int, str]]]]
     return int(head[1]), samples
 
 
-def truncated_samples(tar: str | Path, idx: str | Path) -> list[tuple[str, str]]:
+def truncated_samples(tar: str | Path, idx: str | Path, entries: list | None = None) -> list[tuple[str, str]]:
     """``(key, reason)`` of every sample whose bytes, by the index's offsets, extend past the end of
-    the tar: what a cut-off copy or an interrupted transfer leaves. Reads the index and one stat."""
+    the tar: what a cut-off copy or an interrupted transfer leaves. Reads the index (unless its
+    ``entries`` are given) and one stat."""
     size = Path(tar).stat().st_size
-    _, entries = _read_index(Path(idx))
+    if entries is None:
+        _, entries = _read_index(Path(idx))
     out = []
     for sample in entries:
         end = max(offset + length for _, offset, length, _ in sample)
@@ -100,8 +102,8 @@ def _diagnose_damaged(folder: Path, sh: ShardInfo) -> list[str]:
     read through the index's offsets (the tar itself may not parse any more)."""
     tar, idx = folder / sh.tar, folder / sh.index
     try:
-        truncated = truncated_samples(tar, idx)
         _, entries = _read_index(idx)
+        truncated = truncated_samples(tar, idx, entries)
     except (ValueError, UnicodeDecodeError) as exc:
         return [f"{sh.index}: unreadable DALI index: {exc}"]
     errs = []
