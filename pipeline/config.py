@@ -43,9 +43,13 @@ class DataConfig:
     dtype: str = "float32"  # "float32" | "float16" (half the bytes; the loop casts up when AMP is off)
     num_threads: int = 2  # DALI CPU threads / DataLoader workers per rank
     prefetch: int = 2  # batches prepared ahead (DALI prefetch_queue_depth)
-    shuffle_buffer: int = 2048  # DALI initial_fill / webdataset shuffle buffer (shards are pre-shuffled)
-    seed: int = 0  # base seed; the loader re-seeds every epoch from (seed, epoch)
-    skip_corrupt: bool = False  # skip undecodable samples at read time instead of failing
+    seed: int = 0  # the epoch's sample order and every crop/mirror are functions of (seed, epoch, position)
+    # Undecodable samples found at read time: false = a named error; true = quarantine them (named once,
+    # replaced in their batch by a deterministic substitute, left out of later epochs, kept in checkpoints)
+    skip_corrupt: bool = False
+    # >0: a fixed global batch; each rank's batch is global_batch / world_size (batch_size is then
+    # ignored), so a resume with another number of workers continues the same schedule exactly
+    global_batch: int = 0
     # GPU ("mixed") decoding: size nvJPEG's and the hardware decoder's buffers up front for ImageNet's
     # largest image (DALI's ResNet-50 example) so that no epoch reallocates; off for small images,
     # where those buffers only cost memory and pipeline build time.
@@ -62,6 +66,7 @@ class DataConfig:
             "val_resize": self.val_resize >= self.image_size,
             "num_threads": self.num_threads >= 1,
             "prefetch": self.prefetch >= 1,
+            "global_batch": self.global_batch >= 0,
             "crop_area": 0 < self.crop_area[0] <= self.crop_area[1] <= 1,
             "crop_aspect": 0 < self.crop_aspect[0] <= self.crop_aspect[1],
         }

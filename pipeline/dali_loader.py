@@ -1,70 +1,44 @@
-"""The DALI backend of ``make_loader``: builds the pipelines, iterates them through
-``DALIGenericIterator`` (named reader + explicit last-batch policy), trims the epoch to the
-length announced up front, and turns DALI failures into errors that name the shard and key.
+"""The DALI backend of ``make_loader``: reads each sample's JPEG bytes by offset from memory-mapped
+tars in the order of ``pipeline.order`` and feeds them to a DALI pipeline through
+``fn.external_source`` (GPU "mixed" decoding where the loader has a CUDA device, CPU operators
+otherwise); turns DALI failures into errors that name the shard and key, or quarantines the sample.
 
 Library module, no CLI. Imports DALI at import time (``pipeline.loader`` imports it lazily).
 
-Pipelines and epochs:
-- train: one pipeline per epoch, built at ``__iter__`` with seed ``f(cfg.seed, epoch, rank)`` on the
-  epoch's DALI shard, so an epoch's shuffle order and crops are reproducible on resume and the
-  reader starts at the beginning of its shard. ``LastBatchPolicy.DROP``; we stop after
-  ``(N // W) // B`` batches (identical on every rank). The build costs milliseconds on CPU plus,
-  with "mixed" decoding, nvJPEG's pre-sized buffers once per epoch (``make gpu-check`` reports it).
-- eval / multi-crop: one pipeline for the loader's lifetime (the order is fixed and the transform
-  deterministic): each pass resets it, so validating raw and EMA weights every epoch costs no
-  rebuilds. ``pad_last_batch=True`` + ``stick_to_shard`` + ``LastBatchPolicy.PARTIAL``: DALI pads
-  the shard's tail with copies of its last sample and the iterator drops them, so each rank yields
-  exactly its ``[N*r//W, N*(r+1)//W)`` range; we check the count. A pass abandoned half-way (smoke
-  runs) cannot be reset, so the next pass builds afresh.
-
-Batches are ``[B, 3, S, S]``; with layout NHWC (the default on CUDA) DALI writes HWC and the batch is
-the permuted view of that memory, channels-last as the GPU convolutions want it, without a copy.
-
-Corrupt samples: a failed batch kills a DALI pipeline with an operator stack trace that does not
-say which sample. We then replay this rank's shard in order, decode only, one sample per run, to
-find the first undecodable sample, and raise ``CorruptSampleError`` naming the tar and the key.
-With ``cfg.skip_corrupt`` the sample is instead left out of filtered copies of the index files
-(a temporary folder), the epoch's pipeline is rebuilt and fast-forwarded past the batches
-already yielded, and a warning names the sample. That epoch may then differ from an undisturbed
-one by the samples of one batch, and an eval rank may yield one sample fewer.
+- One pipeline for the loader's lifetime: nothing in it depends on the epoch (the order, the crop
+  windows and the mirror flags come with each batch), so a pass resets it instead of rebuilding it,
+  and "mixed" decoding sizes nvJPEG's buffers once per run. A pass abandoned half-way (smoke runs)
+  leaves batches in flight, so the next pass builds afresh.
+- Training: per sample, the JPEG's frame header gives its size (no decode), ``pipeline.order.crop_params``
+  the window and the mirror of its position; DALI decodes only the window (``decoders.image_slice``,
+  the ROI decoding that ``image_random_crop`` does), resizes, mirrors and normalises.
+- Batches are ``[B, 3, S, S]``; with layout NHWC (the default on CUDA) DALI writes HWC and the batch
+  is the permuted view of that memory, channels-last as the GPU convolutions want it, without a copy.
+- Corrupt samples: a JPEG without a frame header is caught before DALI sees it. A batch that DALI
+  fails to decode is replayed sample by sample on the CPU to find the culprit, which is named
+  (``CorruptSampleError``) or, with ``data.skip_corrupt``, quarantined; the pass then resumes at that
+  batch with a new pipeline, the culprit replaced by its deterministic substitute (training) or
+  left out (evaluation).
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
+import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipeline.config import NORMALIZATIONS, DataConfig, resolve_layout
+from pipeline.config import NORMALIZATIONS, resolve_layout
 from pipeline.dali_pipelines import (
-    READER_NAME,
     PipelineSpec,
     decode_check_pipeline,
     eval_pipeline,
     multicrop_pipeline,
     train_pipeline,
 )
-from pipeline.loader import CorruptSampleError, SplitSource, epoch_seed, handle_corrupt_sample
 from pipeline.multicrop import crop_plan, unmirrored
-from pipeline.progress import progress
+from pipeline.order import Batch, CorruptSampleError, OrderedLoader, jpeg_size
 
 PIPELINES = {"train": train_pipeline, "eval": eval_pipeline, "multicrop": multicrop_pipeline}
-
-
-def read_index_keys(idx_path: str) -> list[tuple[str, str]]:
-    """``(key, line)`` per sample of a DALI v1.2 index (``ext offset size name`` groups)."""
-    lines = Path(idx_path).read_text().splitlines()
-    out = []
-    for line in lines[1:]:
-        parts = line.split()
-        if not parts:
-            continue
-        name = parts[3] if len(parts) >= 4 and not parts[3].isdigit() else "?"
-        out.append((name.rsplit(".", 1)[0], line))
-    return out
 
 
 def dali_error_summary(exc: BaseException) -> str:
@@ -76,149 +50,146 @@ def dali_error_summary(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-class DaliLoader:
-    """``Loader`` over DALI pipelines (see module docstring)."""
+class Feeder:
+    """The ``external_source`` callback: one pass's batches, in order, prepared on demand (DALI calls
+    it ``prefetch`` batches ahead of the iterator). ``sent[k]`` holds the samples of batch ``k``."""
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        source: SplitSource,
-        device: torch.device,
-        device_id: int | None,
-        mode: str,
-        crops: int = 1,
-    ) -> None:
-        self.cfg, self.source, self.device, self.device_id, self.mode = cfg, source, device, device_id, mode
-        self.crops = crops if mode == "multicrop" else 1
-        self.plan = crop_plan(crops, cfg.image_size, cfg.val_resize) if mode == "multicrop" else ()
-        self.batch_size = cfg.batch_size
-        self.num_samples = source.num_samples(cfg.batch_size)
-        self.class_names = list(source.class_names)
-        self.epoch = 0
-        self._len = source.num_batches(cfg.batch_size)
-        self._indices = source.indices  # replaced by filtered copies once a sample is skipped
-        self._tars = source.tars  # less the tars left without samples by skipping
-        self._tar_ids = tuple(range(len(source.tars)))  # position in source.tars of each of _tars
-        self._excluded: set[tuple[int, str]] = set()
-        self._index_dir: str | None = None
-        # A tar shorter than its index says (a cut-off copy): name the cut samples before DALI reads
-        # them (it would fail on the next sample, or on an index left empty, in its own words).
-        for t, key, reason in source.truncated():
-            handle_corrupt_sample(key, source.tars[t], reason, cfg.skip_corrupt)  # raises unless skipping
-            self._excluded.add((t, key))
-        if self._excluded:
-            self._write_filtered_indices()
+    def __init__(self, loader: DaliLoader) -> None:
+        self.loader = loader
+        self.batches: list[Batch] = []
+        self.next = 0
+        self.sent: dict[int, list[int]] = {}
+        self.error: BaseException | None = None
+
+    def reset(self, batches: list[Batch], first: int = 0) -> None:
+        self.batches, self.next, self.sent, self.error = batches, first, {}, None
+
+    def __call__(self):
+        if self.next >= len(self.batches):
+            raise StopIteration
+        k = self.next
+        self.next += 1
+        try:
+            ids, outputs = self.loader.prepare(self.batches[k])
+        except BaseException as exc:  # DALI wraps callback errors: keep ours to re-raise
+            self.error = exc
+            raise
+        self.sent[k] = ids
+        return outputs
+
+
+class DaliLoader(OrderedLoader):
+    """``Loader`` over one DALI pipeline fed in the global order (see module docstring)."""
+
+    def __init__(self, cfg, split, rank, world_size, device: torch.device, device_id: int | None, mode, crops=1):
+        super().__init__(cfg, split, rank, world_size, mode, crops)
+        self.device, self.device_id = device, device_id
+        self.plan_windows = crop_plan(crops, cfg.image_size, cfg.val_resize) if mode == "multicrop" else ()
         self.layout = resolve_layout(cfg.layout, device.type)
-        self.builds = 0  # pipelines built so far (train: one per epoch; eval: one per loader)
-        self._kept = None  # eval / multi-crop: (pipeline, iterator) of the last completed pass
+        self.builds = 0  # pipelines built so far (one per loader unless a pass was abandoned or failed)
+        self._feeder = Feeder(self)
+        self._pipe = None
+        self._batches = None  # DALIGenericIterator of the pipeline
+        self._complete = False  # the last pass ran to its end: the pipeline can be reset and reused
 
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def spec(self, shard_id: int) -> PipelineSpec:
+    def spec(self) -> PipelineSpec:
         mean, std = NORMALIZATIONS[self.cfg.normalization]
         return PipelineSpec(
-            tars=self._tars,
-            indices=self._indices,
-            shard_id=shard_id,
-            num_shards=self.source.world_size,
             decoder_device="mixed" if self.device_id is not None else "cpu",
             image_size=self.cfg.image_size,
             val_resize=self.cfg.val_resize,
-            crop_area=tuple(self.cfg.crop_area),
-            crop_aspect=tuple(self.cfg.crop_aspect),
             mean=tuple(mean),
             std=tuple(std),
             layout=self.layout,
             half=self.cfg.dtype == "float16",
-            shuffle_buffer=self.cfg.shuffle_buffer,
-            windows=unmirrored(self.plan),
+            windows=unmirrored(self.plan_windows),
             preallocate=self.cfg.dali_preallocate,
         )
 
-    def _build(self, epoch: int):
-        """The epoch's pipeline (graph errors raise here), not yet started."""
+    # --- feeding --------------------------------------------------------------------------------
+    def prepare(self, batch: Batch):
+        """``(sample indices, external_source outputs)`` of one batch (called by the ``Feeder``)."""
+        ids, jpegs, anchors, shapes, mirrors = [], [], [], [], []
+        for i, pos in zip(batch.ids, batch.positions, strict=True):
+            while True:
+                j = self.resolve(i, int(pos))
+                if j is None:
+                    break  # evaluation: a quarantined sample is left out
+                buf = self.reader.jpeg(j)
+                try:
+                    height, width = jpeg_size(buf)
+                except ValueError as exc:
+                    self.bad_sample(j, exc)  # raises unless skip_corrupt; then i resolves anew
+                    i = j
+                    continue
+                break
+            if j is None:
+                continue
+            ids.append(j)
+            jpegs.append(np.frombuffer(buf, dtype=np.uint8))
+            if self.mode == "train":
+                top, left, h, w, mirror = self.crop(int(pos), height, width)
+                anchors.append(np.array((left, top), dtype=np.float32))
+                shapes.append(np.array((w, h), dtype=np.float32))
+                mirrors.append(np.array(int(mirror), dtype=np.int32))
+        if not ids:
+            raise CorruptSampleError(f"every sample of batch {batch.step} of split {self.split!r} is damaged")
+        if self.mode == "train":
+            return ids, (jpegs, anchors, shapes, mirrors)
+        return ids, jpegs
+
+    # --- iteration ------------------------------------------------------------------------------
+    def _build(self):
         pipe = PIPELINES[self.mode](
-            spec=self.spec(self.source.shard_of(epoch)),
+            spec=self.spec(),
+            source=self._feeder,
             batch_size=self.batch_size,
             num_threads=self.cfg.num_threads,
             device_id=self.device_id,
-            seed=epoch_seed(self.cfg.seed, epoch, self.source.rank),
             prefetch_queue_depth=self.cfg.prefetch,
+            seed=0,  # nothing random inside: crops and mirrors come with the batch
         )
         pipe.build()
         self.builds += 1
         return pipe
 
-    def _start(self, epoch: int):
-        """``(pipeline, iterator)`` for a pass: the kept eval pipeline reset, or a new one."""
-        if self._kept is not None:
-            pipe, batches = self._kept
-            self._kept = None
-            batches.reset()
-            return pipe, batches
-        pipe = self._build(epoch)
-        policy = LastBatchPolicy.DROP if self.mode == "train" else LastBatchPolicy.PARTIAL
-        # the iterator runs the pipeline on construction (first batches): inside the caller's try
-        batches = DALIGenericIterator(
-            pipe, ["images", "labels"], reader_name=READER_NAME, last_batch_policy=policy, auto_reset=False
+    def _start(self, batches: list[Batch], first: int) -> None:
+        """Point the feeder at a pass and (re)start the pipeline; DALI fetches the first batches now."""
+        self._feeder.reset(batches, first)
+        if self._complete and first == 0:
+            self._complete = False
+            self._batches.reset()  # schedules the first batches of the new pass
+            return
+        self._complete = False
+        self._batches = self._pipe = None
+        self._pipe = self._build()
+        self._batches = DALIGenericIterator(
+            self._pipe, ["images"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False
         )
-        return pipe, batches
 
     def __iter__(self):
-        epoch, done, samples = self.epoch, 0, 0
-        restart = True
-        while restart and done < self._len:
-            restart, seen, ended = False, 0, False
+        batches = self.plan()
+        k = 0  # next batch to yield
+        while k < len(batches):
             try:
-                pipe, batches = self._start(epoch)
-            except RuntimeError as exc:  # the first batches already failed
-                self._handle_failure(exc, epoch)  # raises unless cfg.skip_corrupt
-                restart = True
-                continue
-            try:
-                while True:
-                    if done == self._len and self.mode == "train":
-                        break  # DROP: a rank's shard may hold one more batch than the common length
-                    try:
-                        out = next(batches)
-                    except StopIteration:
-                        ended = True
-                        break
-                    except RuntimeError as exc:  # a batch failed: name the sample (or skip it)
-                        self._handle_failure(exc, epoch)  # raises unless cfg.skip_corrupt
-                        restart = True
-                        break
-                    seen += 1
-                    if seen <= done:
-                        continue  # fast-forward a rebuilt pipeline past batches already yielded
-                    images, labels = self._convert(out[0])
-                    if labels.shape[0] == 0:
-                        continue  # PARTIAL: ranks with a shorter shard end on an empty batch
-                    done += 1
-                    samples += labels.shape[0]
-                    yield images, labels
-            finally:
-                if ended and self.mode != "train" and not restart:
-                    self._kept = (pipe, batches)  # a complete eval pass: reset it next time
-                del batches, pipe
-        if self._excluded:
-            return  # skipped samples: an eval rank may yield fewer, a train epoch ends early at worst
-        if (self.mode == "train" and done != self._len) or (
-            self.mode != "train" and samples != self.num_samples
-        ):
-            raise RuntimeError(
-                f"DALI reader on rank {self.source.rank} ended after {done} batches / {samples} samples, "
-                f"expected {self._len} / {self.num_samples}: the manifest's shard counts disagree with the "
-                "index files; rebuild or re-index the shards"
-            )
+                self._start(batches, k)
+                for out in self._batches:
+                    ids = self._feeder.sent.pop(k)
+                    images = self._convert(out[0]["images"])
+                    labels = torch.tensor([self.reader.label(i) for i in ids], dtype=torch.int64)
+                    self.advanced(batches[k], ids)
+                    k += 1
+                    yield images, labels.to(self.device, non_blocking=True)
+                self._complete = True
+            except RuntimeError as exc:
+                if self._feeder.error is not None:  # ours, raised in the callback (DALI wraps it)
+                    raise self._feeder.error from None
+                self._handle_failure(exc, batches, k)  # raises unless a culprit was quarantined
+        if k != len(batches):
+            raise RuntimeError(f"DALI pipeline on rank {self.rank} ended after {k} of {len(batches)} batches")
 
-    def _convert(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        images = out["images"].to(self.device, non_blocking=True)
-        labels = out["labels"].reshape(-1).to(self.device, non_blocking=True).long()
+    def _convert(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
         nhwc = self.layout == "NHWC"
         if self.mode == "multicrop":  # [B, K/2, ...] unmirrored windows -> [B*K, ...] with mirrors
             b = images.shape[0]
@@ -227,75 +198,47 @@ class DaliLoader:
             images = both.reshape(b * self.crops, *images.shape[2:])
         if nhwc:  # [B, S, S, 3] -> [B, 3, S, S]: a view, channels-last in memory
             images = images.permute(0, 3, 1, 2)
-        return images, labels
+        return images
 
-    # --- corrupt samples -------------------------------------------------------------------------
-    def _handle_failure(self, exc: RuntimeError, epoch: int) -> None:
-        shard_id = self.source.shard_of(epoch)
-        bad = self.find_corrupt(shard_id)
+    # --- corrupt samples ------------------------------------------------------------------------
+    def _handle_failure(self, exc: BaseException, batches: list[Batch], k: int) -> None:
+        self._complete = False
+        self._batches = self._pipe = None  # batches in flight: the next attempt builds afresh
         what = dali_error_summary(exc)
+        sent = [ids for step, ids in sorted(self._feeder.sent.items()) if step >= k]
+        bad = self.find_corrupt([i for ids in sent for i in ids])
         if bad is None:
             raise RuntimeError(
-                f"DALI pipeline failed on rank {self.source.rank} ({what}); no undecodable sample was found "
-                f"in DALI shard {shard_id} of {len(self.source.tars)} tar(s), so this is not a data error"
+                f"DALI pipeline failed on rank {self.rank} ({what}); every sample of the batches in flight "
+                f"decodes on the CPU, so this is not a data error"
             ) from None
-        tar_index, key = bad
-        tar = self.source.tars[tar_index]
-        handle_corrupt_sample(key, tar, what, self.cfg.skip_corrupt)
-        self._excluded.add(bad)
-        self._kept = None  # the kept eval pipeline reads the old index files
-        self._write_filtered_indices()
+        self.bad_sample(bad, what)  # raises unless skip_corrupt
 
-    def find_corrupt(self, shard_id: int) -> tuple[int, str] | None:
-        """``(tar index, key)`` of the first undecodable sample of a DALI shard, in reader order."""
-        entries = [
-            (self._tar_ids[t], key) for t, idx in enumerate(self._indices) for key, _ in read_index_keys(idx)
-        ]
-        n, w = len(entries), self.source.world_size
-        start, stop = n * shard_id // w, n * (shard_id + 1) // w
+    def find_corrupt(self, ids: list[int]) -> int | None:
+        """The first of ``ids`` that DALI cannot decode on the CPU, one sample per run."""
+        queue = list(ids)
+        current = []
+
+        def source():
+            current[:] = [queue.pop(0)]
+            return [np.frombuffer(self.reader.jpeg(current[0]), dtype=np.uint8)]
+
         pipe = decode_check_pipeline(
-            spec=self.spec(shard_id),
+            source=source,
             batch_size=1,
             num_threads=1,
             device_id=None,
-            seed=0,
             exec_async=False,
             exec_pipelined=False,
             prefetch_queue_depth=1,
         )
         pipe.build()
         try:
-            for i in progress(
-                range(start, stop), desc=f"locating corrupt sample (shard {shard_id})", leave=False
-            ):
+            while queue:
                 try:
                     pipe.run()
                 except RuntimeError:
-                    return entries[i]
+                    return current[0]
         finally:
             del pipe
         return None
-
-    def _write_filtered_indices(self) -> None:
-        if self._index_dir is None:
-            self._index_dir = tempfile.mkdtemp(prefix="dali-idx-")
-        paths, tars, ids = [], [], []
-        for t, idx in enumerate(self.source.indices):
-            keep = [line for key, line in read_index_keys(idx) if (t, key) not in self._excluded]
-            if not keep:  # DALI refuses an index without samples: leave the tar out
-                continue
-            header = Path(idx).read_text().splitlines()[0].split()[0]
-            path = Path(self._index_dir) / Path(idx).name
-            path.write_text(f"{header} {len(keep)}\n" + "".join(line + "\n" for line in keep))
-            paths.append(str(path))
-            tars.append(self.source.tars[t])
-            ids.append(t)
-        if not paths:
-            raise CorruptSampleError(
-                f"every sample of this split in {len(self.source.tars)} tar(s) is damaged; rebuild the shards"
-            )
-        self._indices, self._tars, self._tar_ids = tuple(paths), tuple(tars), tuple(ids)
-
-    def __del__(self) -> None:
-        if getattr(self, "_index_dir", None):
-            shutil.rmtree(self._index_dir, ignore_errors=True)

@@ -1,5 +1,7 @@
-"""DALI pipeline definitions of the read side: one ``@pipeline_def`` per split (train, eval,
-multi-crop) sharing one reader and one image-processing function.
+"""DALI pipeline definitions of the read side: one ``@pipeline_def`` per mode (train, eval,
+multi-crop), each fed by ``fn.external_source`` with the JPEG bytes that ``pipeline.dali_loader``
+reads by offset from memory-mapped tars in the order of ``pipeline.order`` (and, in training, each
+sample's crop window and mirror flag, which are functions of its position in that order).
 
 Library module, no CLI (``pipeline.dali_loader`` builds and iterates these; the benchmark
 ``python -m ops.benchmarks.bench_loader`` times them). Imports DALI at import time.
@@ -19,7 +21,6 @@ from nvidia.dali import pipeline_def
 
 from pipeline.multicrop import CropWindow
 
-READER_NAME = "Reader"  # tied to DALIGenericIterator(reader_name=...)
 # DALI's ResNet-50 example (DeepLearningExamples ConvNets): pre-size nvJPEG buffers for ImageNet's
 # largest images so the first epochs do not reallocate. hw_decoder_load: share of the JPEGs sent
 # to the A100/H100 hardware decoder (0.65 is DALI's documented default for decoders.image*).
@@ -30,55 +31,24 @@ HOST_MEMORY_PADDING = 140544512
 PREALLOCATE_WIDTH_HINT = 5980
 PREALLOCATE_HEIGHT_HINT = 6430
 HW_DECODER_LOAD = 0.65
-NUM_CROP_ATTEMPTS = 10  # DALI's default for image_random_crop; the torch backend uses the same count
 
 
 @dataclass(frozen=True)
 class PipelineSpec:
     """Everything a pipeline function needs; built by ``pipeline.dali_loader`` from a DataConfig."""
 
-    tars: tuple[str, ...]
-    indices: tuple[str, ...]
-    shard_id: int
-    num_shards: int
     decoder_device: str  # "mixed" | "cpu"
     image_size: int
     val_resize: int
-    crop_area: tuple[float, float]
-    crop_aspect: tuple[float, float]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     layout: str  # "NCHW" | "NHWC" (resolved: never "auto")
     half: bool  # float16 output instead of float32
-    shuffle_buffer: int
     windows: tuple[CropWindow, ...] = ()  # multi-crop windows to cut (mirrors are added by the loader)
     preallocate: bool = True  # "mixed": pre-size decoder buffers (DataConfig.dali_preallocate)
 
 
-def read_samples(spec: PipelineSpec, train: bool):
-    """``(jpeg bytes, int32 label)``; eval pads its shard's tail so the iterator can trim exactly.
-
-    Eval sticks to its shard (``stick_to_shard``): the loader keeps an eval pipeline for the whole run
-    and resets it per pass, and DALI's default would move a kept reader to the next shard each epoch.
-    A train pipeline is built per epoch at the epoch's shard, so the setting does not matter there."""
-    jpegs, labels = fn.readers.webdataset(
-        paths=list(spec.tars),
-        index_paths=list(spec.indices),
-        ext=["jpg", "lbl"],
-        dtypes=[types.UINT8, types.INT32],
-        shard_id=spec.shard_id,
-        num_shards=spec.num_shards,
-        random_shuffle=train,
-        initial_fill=spec.shuffle_buffer,
-        pad_last_batch=not train,
-        stick_to_shard=not train,
-        missing_component_behavior="error",
-        name=READER_NAME,
-    )
-    return jpegs, labels
-
-
-def _decode(jpegs, spec: PipelineSpec, train: bool):
+def _decoder_args(spec: PipelineSpec) -> dict:
     extra = {}
     if spec.decoder_device == "mixed":
         extra["hw_decoder_load"] = HW_DECODER_LOAD
@@ -89,17 +59,30 @@ def _decode(jpegs, spec: PipelineSpec, train: bool):
                 preallocate_width_hint=PREALLOCATE_WIDTH_HINT,
                 preallocate_height_hint=PREALLOCATE_HEIGHT_HINT,
             )
-    if train:
-        return fn.decoders.image_random_crop(
-            jpegs,
-            device=spec.decoder_device,
-            output_type=types.RGB,
-            random_area=list(spec.crop_area),
-            random_aspect_ratio=list(spec.crop_aspect),
-            num_attempts=NUM_CROP_ATTEMPTS,
-            **extra,
-        )
-    return fn.decoders.image(jpegs, device=spec.decoder_device, output_type=types.RGB, **extra)
+    return extra
+
+
+def train_images(jpegs, anchor, shape, mirror, spec: PipelineSpec):
+    """The training transform with its random parameters given per sample (``pipeline.order.crop_params``):
+    decode only the crop window (ROI decode, as ``image_random_crop`` does), resize it to S x S,
+    mirror, normalise."""
+    images = fn.decoders.image_slice(
+        jpegs,
+        anchor,
+        shape,
+        device=spec.decoder_device,
+        output_type=types.RGB,
+        axis_names="WH",
+        normalized_anchor=False,
+        normalized_shape=False,
+        **_decoder_args(spec),
+    )
+    s = spec.image_size
+    return _normalize(fn.resize(images, size=(s, s)), spec, mirror=mirror)
+
+
+def _decode(jpegs, spec: PipelineSpec):
+    return fn.decoders.image(jpegs, device=spec.decoder_device, output_type=types.RGB, **_decoder_args(spec))
 
 
 def _normalize(images, spec: PipelineSpec, mirror=None, sequence: bool = False):
@@ -126,18 +109,11 @@ def _cut(resized, window: CropWindow, image_size: int):
     )
 
 
-def process_images(jpegs, spec: PipelineSpec, mode: str):
-    """The one image-processing function: ``mode`` is "train", "eval" or "multicrop".
-
-    train: fused decode + random-sized crop (area/aspect from the config), resize to S x S,
-    random mirror, normalise. eval: resize the shorter side to ``val_resize``, centre crop S,
-    normalise. multicrop: cut ``spec.windows`` (resize per scale, crop per window) and stack
-    them as a sequence [K, ...] per image."""
+def eval_images(jpegs, spec: PipelineSpec, mode: str):
+    """eval: resize the shorter side to ``val_resize``, centre crop S, normalise. multicrop: cut
+    ``spec.windows`` (resize per scale, crop per window) and stack them as a sequence [K, ...]."""
     s = spec.image_size
-    images = _decode(jpegs, spec, train=mode == "train")
-    if mode == "train":
-        images = fn.resize(images, size=(s, s))
-        return _normalize(images, spec, mirror=fn.random.coin_flip(probability=0.5))
+    images = _decode(jpegs, spec)
     if mode == "eval":
         images = fn.resize(images, resize_shorter=spec.val_resize)
         return _normalize(fn.crop(images, crop=(s, s)), spec)
@@ -156,33 +132,27 @@ def process_images(jpegs, spec: PipelineSpec, mode: str):
 
 
 @pipeline_def
-def train_pipeline(spec: PipelineSpec):
-    jpegs, labels = read_samples(spec, train=True)
-    return process_images(jpegs, spec, "train"), labels
+def train_pipeline(spec: PipelineSpec, source):
+    """``source()``: per batch, (JPEG bytes, crop anchors (x, y), crop shapes (w, h), mirror flags)."""
+    jpegs, anchor, shape, mirror = fn.external_source(
+        source=source, num_outputs=4, batch=True, dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32]
+    )
+    return train_images(jpegs, anchor, shape, mirror, spec)
 
 
 @pipeline_def
-def eval_pipeline(spec: PipelineSpec):
-    jpegs, labels = read_samples(spec, train=False)
-    return process_images(jpegs, spec, "eval"), labels
+def eval_pipeline(spec: PipelineSpec, source):
+    """``source()``: per batch, the JPEG bytes."""
+    return eval_images(fn.external_source(source=source, batch=True, dtype=types.UINT8), spec, "eval")
 
 
 @pipeline_def
-def multicrop_pipeline(spec: PipelineSpec):
-    jpegs, labels = read_samples(spec, train=False)
-    return process_images(jpegs, spec, "multicrop"), labels
+def multicrop_pipeline(spec: PipelineSpec, source):
+    return eval_images(fn.external_source(source=source, batch=True, dtype=types.UINT8), spec, "multicrop")
 
 
 @pipeline_def
-def decode_check_pipeline(spec: PipelineSpec):
-    """Unshuffled decode-only pass over a shard, used to find the sample a failed batch choked on."""
-    jpegs, labels = read_samples(spec, train=False)
-    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB), labels
-
-
-@pipeline_def
-def raw_train_pipeline(spec: PipelineSpec):
-    """DALI's bare ``image_random_crop`` + resize, no normalisation or wrapper: the benchmark's ceiling."""
-    jpegs, labels = read_samples(spec, train=True)
-    images = _decode(jpegs, spec, train=True)
-    return fn.resize(images, size=(spec.image_size, spec.image_size)), labels
+def decode_check_pipeline(source):
+    """One JPEG per run, decoded on the CPU: finds the sample a failed batch choked on."""
+    jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8)
+    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)

@@ -121,9 +121,11 @@ def write_coded_shards(
     shard_size: int = 8,
     sizes: tuple[tuple[int, int], ...] = ((96, 128), (120, 90), (100, 100)),
     corrupt: dict[str, set[int]] | None = None,
+    damage: str = "header",
 ) -> Manifest:
     """Coded images for each ``split -> num_samples``; sample ``i`` has label ``i % num_classes``
-    and key ``f"{split}{i:05d}"``. ``corrupt[split]`` lists sample indices whose JPEG is truncated."""
+    and key ``f"{split}{i:05d}"``. ``corrupt[split]`` lists sample indices whose JPEG is truncated: to its first 40 bytes
+    (``damage="header"``: no frame header) or to a third (``"data"``: a valid header, the decoder fails)."""
     corrupt = corrupt or {}
     infos = {}
     for split, count in splits.items():
@@ -133,7 +135,7 @@ def write_coded_shards(
             h, w = sizes[i % len(sizes)]
             jpeg = encode_jpeg(coded_image(label, h, w))
             if i in corrupt.get(split, set()):
-                jpeg = jpeg[:40]  # header only: undecodable
+                jpeg = jpeg[:40] if damage == "header" else jpeg[: len(jpeg) // 3]
             samples.append((f"{split}{i:05d}", jpeg, label))
         infos[split] = write_split(folder, split, samples, shard_size)
     manifest = Manifest(
