@@ -160,7 +160,11 @@ class EmaConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = 1  # Ray Train workers (data-parallel replicas)
+    num_workers: int = 1  # Ray Train workers (data-parallel replicas); the most, when min_workers is set
+    # >0: elastic training, Ray Train's ScalingConfig(num_workers=(min_workers, num_workers)): the job
+    # starts with what the cluster has and resizes after failures; set data.global_batch with it, so
+    # that the global batch (and the lr schedule) stays the same whatever the number of workers
+    min_workers: int = 0
     use_gpu: str = "auto"  # "auto": GPUs when ray.cluster_resources() has any | "on" | "off"
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # used when use_gpu resolves to on
@@ -171,6 +175,7 @@ class ScalingConfig:
             self,
             {
                 "num_workers": self.num_workers >= 1,
+                "min_workers": 0 <= self.min_workers <= self.num_workers,
                 "use_gpu": self.use_gpu in ("auto", "on", "off"),
                 "cpus_per_worker": self.cpus_per_worker > 0,
                 "gpus_per_worker": self.gpus_per_worker > 0,
@@ -217,12 +222,19 @@ class CheckpointConfig:
     name: str = "inception-v3"  # run name: <storage_path>/<name>; a new job with the same name resumes
     num_to_keep: int = 2  # Ray CheckpointConfig(num_to_keep)
     max_failures: int = 3  # Ray FailureConfig(max_failures): worker restarts from the latest checkpoint
+    # >0: also checkpoint every this many optimizer steps inside an epoch (the position in the epoch's
+    # sample order goes with it: a resume continues at the next sample, nothing repeated or skipped)
+    every_steps: int = 0
+    # resume even though the shards' manifest differs from the one the checkpoint was trained on
+    # (train.py --force-data-change); the position in the epoch then means other samples
+    force_data_change: bool = False
 
     def __post_init__(self) -> None:
         _check(
             "checkpoint",
             self,
             {
+                "every_steps": self.every_steps >= 0,
                 "name": bool(self.name) and "/" not in self.name,
                 "num_to_keep": self.num_to_keep >= 1,
                 "max_failures": self.max_failures >= -1,
@@ -239,6 +251,9 @@ class DebugConfig:
     fail_mode: str = "raise"  # "raise" an exception | "kill" the worker process (SIGKILL)
     max_steps_per_epoch: int = 0  # >0: cut epochs short (smoke runs)
     max_eval_batches: int = 0  # >0: evaluate on this many batches per rank only
+    # a file that every rank appends one JSON line per training step to (epoch, step, position,
+    # samples, loss): what the resume tests compare; per-step losses cost a device sync
+    trace_file: str = ""
 
     def __post_init__(self) -> None:
         _check(
@@ -277,7 +292,7 @@ class TrainConfig:
         return _build(cls, data, "")
 
     def global_batch(self) -> int:
-        return self.data.batch_size * self.scaling.num_workers
+        return self.data.global_batch or self.data.batch_size * self.scaling.num_workers
 
     def for_member(self, index: int) -> TrainConfig:
         """Config of ensemble member ``index``: its own seeds and run name."""
@@ -407,7 +422,9 @@ def resolve_paths(cfg: TrainConfig, root: str | Path | None = None) -> TrainConf
         data=dataclasses.replace(cfg.data, shards=absolute(cfg.data.shards)),
         checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=absolute(cfg.checkpoint.storage_path)),
         tracking=dataclasses.replace(cfg.tracking, uri=uri),
-        debug=dataclasses.replace(cfg.debug, fail_marker=absolute(cfg.debug.fail_marker)),
+        debug=dataclasses.replace(
+            cfg.debug, fail_marker=absolute(cfg.debug.fail_marker), trace_file=absolute(cfg.debug.trace_file)
+        ),
     )
 
 

@@ -189,12 +189,14 @@ def train_one_epoch(
     s: LoopSettings,
     global_step: int,
     on_log: Callable[[dict[str, float], int], None] | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[dict, int]:
     """Train over ``loader`` once; returns (epoch metrics reduced over ranks, new global step).
 
     ``ema_target`` is the unwrapped model (no DDP / compile wrapper) whose weights the EMA follows;
     ``on_log(metrics, step)`` receives window metrics every ``s.log_every`` steps (rank-local values,
-    images/s scaled to the global batch). No step waits for the GPU: losses and gradient norms are
+    images/s scaled to the global batch); ``on_step(global step, loss)`` runs after every step, on
+    every rank (mid-epoch checkpoints, step traces). No step waits for the GPU: losses and gradient norms are
     summed on the device and read at log points and at the end of the epoch.
     """
     model.train()
@@ -234,6 +236,8 @@ def train_one_epoch(
         detached = loss.detach().to(torch.float64)
         loss_sum += detached * batch
         window.add(batch, detached, grad_norm)
+        if on_step is not None:
+            on_step(global_step, detached)
         _maybe_fail(s, global_step)
         if on_log is not None and global_step % s.log_every == 0:
             wait = clock.collect()

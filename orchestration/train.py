@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs of a newly started local Ray instance"
     )
+    parser.add_argument(
+        "--force-data-change",
+        action="store_true",
+        help="resume even if the shards' manifest differs from the checkpoint's "
+        "(checkpoint.force_data_change)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser.parse_args(argv)
 
@@ -96,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_defaults()  # before Ray and MLflow are imported: one line per epoch, no library chatter
     try:
-        cfg = load_config(args.config, args.overrides, root=args.root)
+        overrides = list(args.overrides)
+        if args.force_data_change:
+            overrides.append("checkpoint.force_data_change=true")
+        cfg = load_config(args.config, overrides, root=args.root)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,15 +6,21 @@
 1. rebuild the typed config from the plain dict Ray hands it (first line);
 2. build the model, its EMA, the optimizer and schedule, and this rank's loaders (global rank);
 3. resume exactly from ``ray.train.get_checkpoint()`` when there is one (epoch, step, optimizer,
-   schedule, EMA, every rank's RNG state; data order follows from ``loader.set_epoch(epoch)``);
+   schedule, EMA, every rank's RNG state, the position in the epoch's sample order and the
+   quarantine list: ``loader.set_epoch(epoch, position)`` continues at the next sample);
 4. per epoch: train, validate raw and EMA weights (top-1/top-5), ``ray.train.report(metrics,
    checkpoint)`` with the checkpoint written by rank 0 only (``ops.checkpoint.save_checkpoint``).
 
-Checkpoints are taken at epoch ends, so a failure loses at most the current epoch's work.
+Checkpoints are taken at epoch ends and, with ``checkpoint.every_steps``, every N steps inside an
+epoch. Positions count the samples the whole job has consumed, so a resume may use another number
+of workers (``data.global_batch`` keeps the global batch, and with it the schedule, the same).
+Corrupt samples quarantined by any rank are shared by all ranks at every checkpoint and epoch end,
+kept in checkpoints, and logged to MLflow as ``data/quarantine.json``.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 import time
@@ -189,6 +195,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     )  # only rank 0 logs
 
     manifest = load_manifest(cfg.data.shards)
+    if cfg.model.num_classes and cfg.model.num_classes != manifest.num_classes:
+        raise DataCheckError(
+            f"model.num_classes={cfg.model.num_classes} but the shards in {cfg.data.shards} have "
+            f"{manifest.num_classes} classes; set model.num_classes=0 to take the manifest's"
+        )
     num_classes = cfg.model.num_classes or manifest.num_classes
     model_spec = {"name": cfg.model.name, "num_classes": num_classes, "options": cfg.model.build_options()}
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
@@ -200,9 +211,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     # data.layout auto: batches in the memory order the model computes in (channels-last batches for
     # a channels_last model, the default on CUDA), so that the loop never copies a batch to convert.
-    data_cfg = cfg.data
+    data_cfg = per_rank_data(cfg, world_size)
     if data_cfg.layout == "auto":
         data_cfg = replace(data_cfg, layout="NHWC" if s.channels_last else "NCHW")
+    global_batch = data_cfg.batch_size * world_size
     train_loader = make_loader(data_cfg, data_cfg.train_split, rank, world_size, device)
     val_loader = make_loader(data_cfg, data_cfg.val_split, rank, world_size, device)
     class_names = list(getattr(train_loader, "class_names", None) or manifest.class_names)
@@ -214,20 +226,31 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             f"data.shards {cfg.data.shards}: split {cfg.data.train_split!r} gives no full batch "
             f"of {cfg.data.batch_size} per rank for {world_size} workers; lower data.batch_size"
         )
-    base_lr = scaled_lr(cfg.optim, cfg.global_batch())
+    base_lr = scaled_lr(cfg.optim, global_batch)
     optimizer = build_optimizer(model, cfg.optim, base_lr)
     schedule = LrSchedule(
-        optimizer, base_lr, steps_per_epoch, cfg.schedule, warmup_epochs(cfg.schedule, cfg.global_batch())
+        optimizer, base_lr, steps_per_epoch, cfg.schedule, warmup_epochs(cfg.schedule, global_batch)
     )
 
-    start_epoch, global_step = 0, 0
+    from pipeline import manifest_sha256
+
+    data_sha = manifest_sha256(cfg.data.shards)
+    start_epoch, global_step, start_position = 0, 0, 0
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank stream for dropout etc. after identical init
     payload, source = load_resume_payload(cfg)
     if payload is not None:
+        data_state = payload["extra"].get("data", {})
+        check_resume_data(cfg, data_state, data_sha, global_batch)
         start_epoch, global_step = restore_training_state(
             payload, model, optimizer, schedule, ema, rank=rank, world_size=world_size
         )
-        print(f"[rank {rank}] resumed from {source}: epoch {start_epoch}, step {global_step}", flush=True)
+        start_position = int(data_state.get("position", 0))
+        train_loader.quarantine.merge(data_state.get("quarantine", []))
+        print(
+            f"[rank {rank}] resumed from {source}: epoch {start_epoch}, step {global_step}, "
+            f"position {start_position} of the epoch's sample order",
+            flush=True,
+        )
     elif rank == 0:  # a fresh run: describe it once
         tracker.log_params(flatten(cfg.to_dict()))
         tracker.log_text(to_yaml(cfg), "config/resolved_config.yaml")
@@ -257,8 +280,88 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     member, members_after = int(loop_config.get("member", 0)), int(loop_config.get("members_after", 0))
     epoch_times: list[float] = []  # wall time of each epoch run by this process (train, val, report)
     mark = time.monotonic()
+    logged_quarantine = [0]
+
+    def share_quarantine() -> None:
+        """Every rank's quarantined samples to every rank (identical orders from the next epoch on)."""
+        records = train_loader.quarantine.to_list()
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        train_loader.quarantine.merge(records)
+        if rank == 0 and len(train_loader.quarantine) != logged_quarantine[0]:
+            logged_quarantine[0] = len(train_loader.quarantine)
+            tracker.log_text(json.dumps(train_loader.quarantine.to_list(), indent=1), "data/quarantine.json")
+
+    def save_and_report(metrics: dict, epochs_done: int, position: int, epoch_end: bool) -> None:
+        """Rank 0 writes the checkpoint; every rank reports (Ray Train needs every rank's report)."""
+        share_quarantine()
+        rng_states = _gather_rng_states()
+        data_state = {
+            "position": position,
+            "quarantine": train_loader.quarantine.to_list(),
+            "manifest_sha256": data_sha,
+            "global_batch": global_batch,
+        }
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            ray_checkpoint = None
+            if rank == 0:
+                started = time.perf_counter()
+                save_checkpoint(
+                    tmp,
+                    {
+                        "model_spec": model_spec,
+                        "model": model.state_dict(),
+                        "ema": (ema.state_dict() if ema is not None else model.state_dict()),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": schedule.state_dict(),
+                        "epoch": epochs_done,
+                        "step": global_step,
+                        "config": cfg.to_dict(),
+                        "class_names": class_names,
+                        "metrics": metrics,
+                        "extra": {
+                            "rng": rng_states,
+                            "ema_updates": ema.num_updates if ema is not None else 0,
+                            "world_size": world_size,
+                            "data": data_state,
+                        },
+                    },
+                )
+                write_data_state(tmp, data_state, epochs_done, global_step)
+                ray_checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                metrics = {**metrics, "checkpoint_write_s": time.perf_counter() - started}
+                if not epoch_end:
+                    tracker.log_metrics(
+                        {"checkpoint_write_s": metrics["checkpoint_write_s"]}, step=global_step
+                    )
+            if epoch_end and rank == 0:
+                nonlocal mark
+                tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epochs_done)
+                epoch_times.append(time.monotonic() - mark)
+                mark = time.monotonic()
+                eta = training_eta(
+                    epoch_times, cfg.schedule.epochs - epochs_done, members_after, cfg.schedule.epochs
+                )
+                print(epoch_line(member, epochs_done, cfg.schedule.epochs, metrics, eta), flush=True)
+                if epochs_done == cfg.schedule.epochs:
+                    if cfg.tracking.log_checkpoint:
+                        tracker.log_artifacts(tmp, "checkpoint")
+                    tracker.log_training_curves()
+            ray.train.report(metrics, checkpoint=ray_checkpoint)
+
+    trace = StepTrace(cfg.debug.trace_file, rank)
     for epoch in range(start_epoch, cfg.schedule.epochs):
-        train_loader.set_epoch(epoch)
+        train_loader.set_epoch(epoch, start_position if epoch == start_epoch else 0)
+
+        def on_step(step: int, loss: torch.Tensor, epoch: int = epoch) -> None:
+            trace.write(epoch, step, train_loader, loss)
+            every = cfg.checkpoint.every_steps
+            if every and step % every == 0 and train_loader.order.steps(epoch, train_loader.position) > 0:
+                position = train_loader.position
+                save_and_report({"epoch": epoch, "step": step, "position": position}, epoch, position, False)
+
         train_metrics, global_step = train_one_epoch(
             train_model,
             train_loader,
@@ -269,6 +372,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             s,
             global_step,
             on_log=on_log if rank == 0 else None,
+            on_step=on_step,
         )
         val = evaluate(eval_model, val_loader, s)
         metrics = {
@@ -279,56 +383,102 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "val_top5": val["top5"],
             "val_loss": val["loss"],
             "val_count": val["count"],
+            "quarantined": len(train_loader.quarantine),
         }
         if ema_eval is not None:
             val_ema = evaluate(ema_eval, val_loader, s)
             metrics.update(
                 val_ema_top1=val_ema["top1"], val_ema_top5=val_ema["top5"], val_ema_loss=val_ema["loss"]
             )
-        rng_states = _gather_rng_states()
-        last = epoch + 1 == cfg.schedule.epochs
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            ray_checkpoint = None
-            if rank == 0:
-                save_checkpoint(
-                    tmp,
-                    {
-                        "model_spec": model_spec,
-                        "model": model.state_dict(),
-                        "ema": (ema.state_dict() if ema is not None else model.state_dict()),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": schedule.state_dict(),
-                        "epoch": epoch + 1,
-                        "step": global_step,
-                        "config": cfg.to_dict(),
-                        "class_names": class_names,
-                        "metrics": metrics,
-                        "extra": {
-                            "rng": rng_states,
-                            "ema_updates": ema.num_updates if ema is not None else 0,
-                            "world_size": world_size,
-                        },
-                    },
-                )
-                ray_checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-                epoch_times.append(time.monotonic() - mark)
-                mark = time.monotonic()
-                eta = training_eta(
-                    epoch_times, cfg.schedule.epochs - epoch - 1, members_after, cfg.schedule.epochs
-                )
-                print(epoch_line(member, epoch + 1, cfg.schedule.epochs, metrics, eta), flush=True)
-                if last:
-                    if cfg.tracking.log_checkpoint:
-                        tracker.log_artifacts(tmp, "checkpoint")
-                    tracker.log_training_curves()
-            ray.train.report(metrics, checkpoint=ray_checkpoint)
+        save_and_report(metrics, epoch + 1, 0, True)
     if rank == 0:  # metrics kept during an MLflow outage: delivered now, or reported as lost
         tracker.flush(final=True, attempts=3, wait_s=5.0)
 
 
-def newest_local_checkpoint(cfg: TrainConfig, newer_than_epoch: int) -> Path | None:
-    """The newest readable checkpoint under ``<storage_path>/<name>`` with a later epoch, if any.
+class DataCheckError(RuntimeError):
+    """The data and the run disagree (class count, shards changed since the checkpoint, batch split)."""
+
+
+DATA_STATE_FILE = "data_state.json"  # beside checkpoint.pt: what the driver checks before a resume
+
+
+def per_rank_data(cfg: TrainConfig, world_size: int):
+    """The data config of one rank: ``data.global_batch`` split over the workers when it is set."""
+    g = cfg.data.global_batch
+    if not g:
+        return cfg.data
+    if g % world_size:
+        raise DataCheckError(
+            f"data.global_batch={g} does not split over {world_size} workers; choose a multiple"
+        )
+    return replace(cfg.data, batch_size=g // world_size)
+
+
+def write_data_state(directory: str | Path, state: dict, epoch: int, step: int) -> None:
+    summary = {"epoch": epoch, "step": step, **{k: v for k, v in state.items() if k != "quarantine"}}
+    summary["quarantined"] = len(state["quarantine"])
+    (Path(directory) / DATA_STATE_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def check_resume_data(cfg: TrainConfig, state: dict, data_sha: str, global_batch: int) -> None:
+    """One-line errors for a resume that would silently read other data or another schedule."""
+    saved = state.get("manifest_sha256")
+    if saved and saved != data_sha and not cfg.checkpoint.force_data_change:
+        raise DataCheckError(
+            f"the shards in {cfg.data.shards} (manifest {data_sha[:12]}) are not those the checkpoint was "
+            f"trained on (manifest {saved[:12]}); point data.shards at them, start a new run "
+            "(checkpoint.name), or pass --force-data-change"
+        )
+    before = state.get("global_batch")
+    if before and before != global_batch:
+        raise DataCheckError(
+            f"the checkpoint was trained with a global batch of {before} and this run has {global_batch}; "
+            f"set data.global_batch={before} to resume with any number of workers"
+        )
+
+
+def check_before_resume(cfg: TrainConfig) -> None:
+    """Driver side, before any worker starts: the newest checkpoint of this run name against the
+    shards and the global batch of this run (the same checks the workers make, as one line)."""
+    if "://" in cfg.checkpoint.storage_path:
+        return
+    from pipeline import manifest_sha256
+
+    run_dir = Path(cfg.checkpoint.storage_path) / cfg.checkpoint.name
+    states = sorted(run_dir.glob(f"checkpoint_*/{DATA_STATE_FILE}"), reverse=True)
+    if not states:
+        return
+    state = json.loads(states[0].read_text())
+    global_batch = cfg.data.global_batch or cfg.data.batch_size * cfg.scaling.num_workers
+    if cfg.scaling.min_workers and not cfg.data.global_batch:
+        global_batch = state.get("global_batch")  # elastic without a fixed batch: whatever it finds
+    check_resume_data(cfg, state, manifest_sha256(cfg.data.shards), global_batch)
+
+
+class StepTrace:
+    """``debug.trace_file``: one JSON line per step and rank (epoch, step, position, samples, loss)."""
+
+    def __init__(self, path: str, rank: int) -> None:
+        self.path = Path(f"{path}.rank{rank}") if path else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, epoch: int, step: int, loader, loss: torch.Tensor) -> None:
+        if self.path is None:
+            return
+        line = {
+            "epoch": epoch,
+            "step": step,
+            "position": loader.position,
+            "ids": loader.last_batch.ids.tolist(),
+            "loss": float(loss),
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def newest_local_checkpoint(cfg: TrainConfig, newer_than_step: int) -> Path | None:
+    """The newest readable checkpoint under ``<storage_path>/<name>`` with a later step, if any.
 
     Ray Train V2 registers a reported checkpoint only when its controller polls the worker (every 2 s);
     a worker that dies right after ``report`` leaves a persisted checkpoint that ``get_checkpoint()``
@@ -342,10 +492,10 @@ def newest_local_checkpoint(cfg: TrainConfig, newer_than_epoch: int) -> Path | N
     run_dir = Path(cfg.checkpoint.storage_path) / cfg.checkpoint.name
     for candidate in sorted(run_dir.glob("checkpoint_*"), reverse=True):
         try:
-            epoch = int(load_checkpoint(candidate)["epoch"])
+            step = int(load_checkpoint(candidate)["step"])
         except CheckpointError:  # partially copied when the worker died
             continue
-        return candidate if epoch > newer_than_epoch else None
+        return candidate if step > newer_than_step else None
     return None
 
 
@@ -368,7 +518,7 @@ def load_resume_payload(cfg: TrainConfig) -> tuple[dict | None, str | None]:
         source = checkpoint.path
     newer = [None]
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        found = newest_local_checkpoint(cfg, int(payload["epoch"]) if payload else 0)
+        found = newest_local_checkpoint(cfg, int(payload["step"]) if payload else 0)
         newer = [str(found) if found else None]
     if dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(newer, src=0)
@@ -409,7 +559,13 @@ def build_trainer(
             "members_after": members_after,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=(
+                (cfg.scaling.min_workers, cfg.scaling.num_workers)
+                if cfg.scaling.min_workers
+                else cfg.scaling.num_workers
+            ),
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
         ),
         run_config=RunConfig(
             name=cfg.checkpoint.name,
@@ -427,6 +583,7 @@ def fit_member(
     cfg: TrainConfig, index: int, run_id: str | None, tracking_uri: str, members_after: int = 0
 ) -> MemberResult:
     """Train one model to the end (resuming a previous run of the same name) and describe the result."""
+    check_before_resume(cfg)
     result = build_trainer(cfg, run_id, tracking_uri, index, members_after).fit()
     if result.error is not None:
         raise result.error

@@ -81,7 +81,9 @@ class Feeder:
 class DaliLoader(OrderedLoader):
     """``Loader`` over one DALI pipeline fed in the global order (see module docstring)."""
 
-    def __init__(self, cfg, split, rank, world_size, device: torch.device, device_id: int | None, mode, crops=1):
+    def __init__(
+        self, cfg, split, rank, world_size, device: torch.device, device_id: int | None, mode, crops=1
+    ):
         super().__init__(cfg, split, rank, world_size, mode, crops)
         self.device, self.device_id = device, device_id
         self.plan_windows = crop_plan(crops, cfg.image_size, cfg.val_resize) if mode == "multicrop" else ()
@@ -129,13 +131,18 @@ class DaliLoader(OrderedLoader):
             jpegs.append(np.frombuffer(buf, dtype=np.uint8))
             if self.mode == "train":
                 top, left, h, w, mirror = self.crop(int(pos), height, width)
-                anchors.append(np.array((left, top), dtype=np.float32))
-                shapes.append(np.array((w, h), dtype=np.float32))
-                mirrors.append(np.array(int(mirror), dtype=np.int32))
+                anchors.append((left, top))
+                shapes.append((w, h))
+                mirrors.append(mirror)
         if not ids:
             raise CorruptSampleError(f"every sample of batch {batch.step} of split {self.split!r} is damaged")
-        if self.mode == "train":
-            return ids, (jpegs, anchors, shapes, mirrors)
+        if self.mode == "train":  # uniform per-sample values go as one array each (one conversion)
+            return ids, (
+                jpegs,
+                np.asarray(anchors, dtype=np.float32),
+                np.asarray(shapes, dtype=np.float32),
+                np.asarray(mirrors, dtype=np.int32),
+            )
         return ids, jpegs
 
     # --- iteration ------------------------------------------------------------------------------

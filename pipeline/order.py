@@ -95,7 +95,8 @@ class SampleTable:
             entries = parse_index(idx)
             if len(entries) != sh.count:
                 raise ShardFormatError(
-                    f"{idx} lists {len(entries)} samples, the manifest {sh.count}: rebuild or re-index the shards"
+                    f"{idx} lists {len(entries)} samples, the manifest {sh.count}: "
+                    "rebuild or re-index the shards"
                 )
             size = Path(tar).stat().st_size
             for key, comps in entries:

@@ -64,11 +64,17 @@ def repeat_pair_fraction(first: np.ndarray, second: np.ndarray, g: int) -> float
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=1281167, help="samples per epoch (default: ImageNet's train split)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--samples", type=int, default=1281167, help="samples per epoch (default: ImageNet's train split)"
+    )
     p.add_argument("--workers", type=int, default=8, help="ranks (default 8)")
     p.add_argument("--batch", type=int, default=32, help="batch per rank (default 32, the paper's)")
-    p.add_argument("--buffer", type=int, default=2048, help="shuffle buffer of the replaced scheme (default 2048)")
+    p.add_argument(
+        "--buffer", type=int, default=2048, help="shuffle buffer of the replaced scheme (default 2048)"
+    )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     n, g = a.samples, a.workers * a.batch

@@ -144,7 +144,8 @@ def test_loader_metadata_and_errors(shards):
         make_loader(cfg, "test", 0, 1, "cpu")
     with pytest.raises(ValueError, match="rank 2 is outside"):
         make_loader(cfg, "val", 2, 2, "cpu")
-    with pytest.raises(Exception, match=r"45 usable samples: fewer than one global batch \(32 x 2 rank\(s\) = 64\)"):
+    too_few = r"45 usable samples: fewer than one global batch \(32 x 2 rank\(s\) = 64\)"
+    with pytest.raises(Exception, match=too_few):
         make_loader(_cfg(shards, "dali", batch_size=32), "train", 0, 2, "cpu")
 
 

@@ -52,7 +52,12 @@ def test_skip_corrupt_eval_yields_every_other_sample_once(shards, backend):
         labels = [y for _, y in loader]
     assert torch.cat(labels).tolist() == [i for i in range(14) if i != BAD]
     assert loader.quarantine.to_list() == [
-        {"shard": "val-000001.tar", "key": "val00009", "reason": loader.quarantine.records[BAD]["reason"], "epoch": -1}
+        {
+            "shard": "val-000001.tar",
+            "key": "val00009",
+            "reason": loader.quarantine.records[BAD]["reason"],
+            "epoch": -1,
+        }
     ]
 
 

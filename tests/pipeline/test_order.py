@@ -27,7 +27,16 @@ def shards(tmp_path_factory):
 
 
 def _cfg(shards, backend="dali", **kw):
-    return DataConfig(**{"shards": str(shards), "backend": backend, "batch_size": 4, "image_size": 80, "val_resize": 90, **kw})
+    return DataConfig(
+        **{
+            "shards": str(shards),
+            "backend": backend,
+            "batch_size": 4,
+            "image_size": 80,
+            "val_resize": 90,
+            **kw,
+        }
+    )
 
 
 def _run(loaders, epoch, start=0, keep_images=False):
@@ -60,7 +69,10 @@ def test_train_epoch_exactly_once_over_two_ranks(shards, backend):
     order = epoch_permutation(0, 2, TRAIN).tolist()
     assert seen == order[:48]  # the epoch's permutation, step by step, rank 0's slice then rank 1's
     assert loaders[0].position == loaders[1].position == 48
-    assert make_loader(_cfg(shards, backend), "train", 0, 1, "cpu").table.keys[order[0]] == f"train{order[0]:05d}"
+    assert (
+        make_loader(_cfg(shards, backend), "train", 0, 1, "cpu").table.keys[order[0]]
+        == f"train{order[0]:05d}"
+    )
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
@@ -83,6 +95,7 @@ def test_world_size_does_not_change_the_order_or_the_crops(shards):
 def test_elastic_resume_mid_epoch_continues_the_same_sequence(shards, before, after):
     """Checkpoint after 3 steps with ``before`` ranks, resume from the recorded position with
     ``after`` ranks (same global batch): the global sequence equals the undisturbed run's."""
+
     def loaders(w):
         return [make_loader(_cfg(shards, batch_size=8 // w), "train", r, w, "cpu") for r in range(w)]
 
@@ -90,7 +103,7 @@ def test_elastic_resume_mid_epoch_continues_the_same_sequence(shards, before, af
     first = loaders(before)
     for ld in first:
         ld.set_epoch(4)
-    for _, _step in zip(range(3), zip(*first)):
+    for _, _step in zip(range(3), zip(*first, strict=True), strict=False):
         pass
     position = first[0].position
     assert position == 24 and all(ld.position == position for ld in first)
@@ -120,7 +133,12 @@ def test_quarantine_two_ranks_equal_batches_named_once_excluded_later(tmp_path):
     on every rank once the ranks share their records, and kept across a resume."""
     bad = 17
     write_coded_shards(
-        tmp_path, {"train": TRAIN}, num_classes=CLASSES, shard_size=10, corrupt={"train": {bad}}, damage="data"
+        tmp_path,
+        {"train": TRAIN},
+        num_classes=CLASSES,
+        shard_size=10,
+        corrupt={"train": {bad}},
+        damage="data",
     )
     cfg = _cfg(tmp_path, skip_corrupt=True)
     loaders = [make_loader(cfg, "train", r, 2, "cpu") for r in range(2)]
@@ -129,12 +147,16 @@ def test_quarantine_two_ranks_equal_batches_named_once_excluded_later(tmp_path):
         warnings.simplefilter("always")
         steps, _ = _run(loaders, epoch)
     named = [str(w.message) for w in caught if "quarantined" in str(w.message)]
-    assert named == ["quarantined corrupt sample 'train00017' of shard train-000001.tar (" + named[0].split("(", 1)[1]]
+    assert named == [
+        "quarantined corrupt sample 'train00017' of shard train-000001.tar (" + named[0].split("(", 1)[1]
+    ]
     assert len(steps) == 6 and all(len(s) == 8 for s in steps)
     seen = [i for s in steps for i in s]
     assert bad not in seen and len(seen) == 48
     records = [r for ld in loaders for r in ld.quarantine.to_list()]
-    assert [(r["shard"], r["key"], r["epoch"]) for r in records] == [("train-000001.tar", "train00017", epoch)]
+    assert [(r["shard"], r["key"], r["epoch"]) for r in records] == [
+        ("train-000001.tar", "train00017", epoch)
+    ]
     for ld in loaders:  # what the trainer does at the end of every epoch
         ld.quarantine.merge(records)
     later, _ = _run(loaders, epoch + 1)
@@ -148,7 +170,9 @@ def test_quarantine_two_ranks_equal_batches_named_once_excluded_later(tmp_path):
 
 
 def test_corrupt_data_without_skip_is_named(tmp_path):
-    write_coded_shards(tmp_path, {"train": 16}, num_classes=4, shard_size=8, corrupt={"train": {5}}, damage="data")
+    write_coded_shards(
+        tmp_path, {"train": 16}, num_classes=4, shard_size=8, corrupt={"train": {5}}, damage="data"
+    )
     from pipeline.loader import CorruptSampleError
 
     with pytest.raises(CorruptSampleError, match=r"'train00005' in shard .*train-000000\.tar"):
