@@ -294,7 +294,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             logged_quarantine[0] = len(train_loader.quarantine)
             tracker.log_text(json.dumps(train_loader.quarantine.to_list(), indent=1), "data/quarantine.json")
 
-    def save_and_report(metrics: dict, epochs_done: int, position: int, epoch_end: bool) -> None:
+    def save_and_report(metrics: dict, epochs_done: int, step: int, position: int, epoch_end: bool) -> None:
         """Rank 0 writes the checkpoint; every rank reports (Ray Train needs every rank's report)."""
         share_quarantine()
         rng_states = _gather_rng_states()
@@ -317,7 +317,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                         "optimizer": optimizer.state_dict(),
                         "scheduler": schedule.state_dict(),
                         "epoch": epochs_done,
-                        "step": global_step,
+                        "step": step,
                         "config": cfg.to_dict(),
                         "class_names": class_names,
                         "metrics": metrics,
@@ -329,12 +329,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                         },
                     },
                 )
-                write_data_state(tmp, data_state, epochs_done, global_step)
+                write_data_state(tmp, data_state, epochs_done, step)
                 ray_checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 metrics = {**metrics, "checkpoint_write_s": time.perf_counter() - started}
                 if not epoch_end:
                     tracker.log_metrics(
-                        {"checkpoint_write_s": metrics["checkpoint_write_s"]}, step=global_step
+                        {"checkpoint_write_s": metrics["checkpoint_write_s"]}, step=step
                     )
             if epoch_end and rank == 0:
                 nonlocal mark
@@ -360,7 +360,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             every = cfg.checkpoint.every_steps
             if every and step % every == 0 and train_loader.order.steps(epoch, train_loader.position) > 0:
                 position = train_loader.position
-                save_and_report({"epoch": epoch, "step": step, "position": position}, epoch, position, False)
+                mid = {"epoch": epoch, "step": step, "position": position}
+                save_and_report(mid, epoch, step, position, False)
 
         train_metrics, global_step = train_one_epoch(
             train_model,
@@ -390,7 +391,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             metrics.update(
                 val_ema_top1=val_ema["top1"], val_ema_top5=val_ema["top5"], val_ema_loss=val_ema["loss"]
             )
-        save_and_report(metrics, epoch + 1, 0, True)
+        save_and_report(metrics, epoch + 1, global_step, 0, True)
     if rank == 0:  # metrics kept during an MLflow outage: delivered now, or reported as lost
         tracker.flush(final=True, attempts=3, wait_s=5.0)
 

@@ -23,6 +23,9 @@ Library module, no CLI. Imports DALI at import time (``pipeline.loader`` imports
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+
 import numpy as np
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -51,30 +54,75 @@ def dali_error_summary(exc: BaseException) -> str:
 
 
 class Feeder:
-    """The ``external_source`` callback: one pass's batches, in order, prepared on demand (DALI calls
-    it ``prefetch`` batches ahead of the iterator). ``sent[k]`` holds the samples of batch ``k``."""
+    """The ``external_source`` callback: one pass's batches, in order. A background thread prepares
+    them (``DaliLoader.prepare``: offsets, frame headers, crop windows) up to ``LOOKAHEAD`` batches
+    ahead, so that DALI's calls, made from the iterating thread, only hand over ready arrays; DALI
+    reads those arrays in place (``no_copy``), so the last few batches are kept alive here.
+    ``sent[k]`` holds the samples of batch ``k``."""
+
+    LOOKAHEAD = 4
 
     def __init__(self, loader: DaliLoader) -> None:
         self.loader = loader
-        self.batches: list[Batch] = []
-        self.next = 0
-        self.sent: dict[int, list[int]] = {}
-        self.error: BaseException | None = None
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._alive: deque = deque(maxlen=loader.cfg.prefetch + self.LOOKAHEAD + 2)
+        self.reset([])
 
     def reset(self, batches: list[Batch], first: int = 0) -> None:
-        self.batches, self.next, self.sent, self.error = batches, first, {}, None
+        self.stop()
+        self.batches, self.next, self.sent = batches, first, {}
+        self.error: BaseException | None = None
+        self._error_at = -1
+        self._ready: dict[int, tuple] = {}
+        self._produce, self._stopping = first, False
+        if first < len(batches):
+            self._thread = threading.Thread(target=self._run, name="dali-feeder", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is not None:
+            with self._cv:
+                self._stopping = True
+                self._cv.notify_all()
+            thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and self._produce - self.next >= self.LOOKAHEAD:
+                    self._cv.wait()
+                if self._stopping or self._produce >= len(self.batches):
+                    return
+                k = self._produce
+            try:
+                result = self.loader.prepare(self.batches[k])
+            except BaseException as exc:  # handed to DALI's call for batch k, then re-raised by us
+                with self._cv:
+                    self.error, self._error_at = exc, k
+                    self._cv.notify_all()
+                return
+            with self._cv:
+                self._ready[k] = result
+                self._produce += 1
+                self._cv.notify_all()
 
     def __call__(self):
         if self.next >= len(self.batches):
             raise StopIteration
         k = self.next
-        self.next += 1
-        try:
-            ids, outputs = self.loader.prepare(self.batches[k])
-        except BaseException as exc:  # DALI wraps callback errors: keep ours to re-raise
-            self.error = exc
-            raise
+        with self._cv:
+            while k not in self._ready and self._error_at != k:
+                self._cv.wait()
+            if k not in self._ready:
+                raise self.error  # DALI wraps it; DaliLoader re-raises ours
+            ids, outputs = self._ready.pop(k)
+            self.next += 1
+            self._cv.notify_all()
         self.sent[k] = ids
+        self._alive.append(outputs)
         return outputs
 
 
@@ -175,6 +223,12 @@ class DaliLoader(OrderedLoader):
         )
 
     def __iter__(self):
+        try:
+            yield from self._iterate()
+        finally:
+            self._feeder.stop()  # an abandoned pass: its preparing thread ends here
+
+    def _iterate(self):
         batches = self.plan()
         k = 0  # next batch to yield
         while k < len(batches):

@@ -135,7 +135,11 @@ def eval_images(jpegs, spec: PipelineSpec, mode: str):
 def train_pipeline(spec: PipelineSpec, source):
     """``source()``: per batch, (JPEG bytes, crop anchors (x, y), crop shapes (w, h), mirror flags)."""
     jpegs, anchor, shape, mirror = fn.external_source(
-        source=source, num_outputs=4, batch=True, dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32]
+        source=source,
+        num_outputs=4,
+        batch=True,
+        no_copy=True,  # the arrays are views of memory-mapped tars, kept alive by the feeder
+        dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32],
     )
     return train_images(jpegs, anchor, shape, mirror, spec)
 
@@ -143,12 +147,14 @@ def train_pipeline(spec: PipelineSpec, source):
 @pipeline_def
 def eval_pipeline(spec: PipelineSpec, source):
     """``source()``: per batch, the JPEG bytes."""
-    return eval_images(fn.external_source(source=source, batch=True, dtype=types.UINT8), spec, "eval")
+    jpegs = fn.external_source(source=source, batch=True, no_copy=True, dtype=types.UINT8)
+    return eval_images(jpegs, spec, "eval")
 
 
 @pipeline_def
 def multicrop_pipeline(spec: PipelineSpec, source):
-    return eval_images(fn.external_source(source=source, batch=True, dtype=types.UINT8), spec, "multicrop")
+    jpegs = fn.external_source(source=source, batch=True, no_copy=True, dtype=types.UINT8)
+    return eval_images(jpegs, spec, "multicrop")
 
 
 @pipeline_def

@@ -124,9 +124,9 @@ def write_coded_shards(
     damage: str = "header",
 ) -> Manifest:
     """Coded images for each ``split -> num_samples``; sample ``i`` has label ``i % num_classes``
-    and key ``f"{split}{i:05d}"``. ``corrupt[split]`` lists sample indices whose JPEG is truncated: to its first 40 bytes
-    (``damage="header"``: no frame header) or to a third (``"data"``: a valid header, the decoder
-    fails)."""
+    and key ``f"{split}{i:05d}"``. ``corrupt[split]`` lists sample indices whose JPEG is truncated:
+    to its first 40 bytes (``damage="header"``: no frame header) or to a third (``"data"``: a valid
+    header, the decoder fails)."""
     corrupt = corrupt or {}
     infos = {}
     for split, count in splits.items():
