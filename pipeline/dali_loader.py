@@ -24,6 +24,7 @@ Library module, no CLI. Imports DALI at import time (``pipeline.loader`` imports
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import deque
 
 import numpy as np
@@ -63,10 +64,13 @@ class Feeder:
     LOOKAHEAD = 4
 
     def __init__(self, loader: DaliLoader) -> None:
-        self.loader = loader
+        # weak: the loader holds the pipeline, which holds this feeder; a strong reference back would
+        # make a cycle that keeps DALI's and torch's (GPU) buffers until the garbage collector runs
+        self._loader = weakref.ref(loader)
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._alive: deque = deque(maxlen=loader.cfg.prefetch + self.LOOKAHEAD + 2)
+        self.batches: list[Batch] = []
         self.reset([])
 
     def reset(self, batches: list[Batch], first: int = 0) -> None:
@@ -98,7 +102,11 @@ class Feeder:
                     return
                 k = self._produce
             try:
-                result = self.loader.prepare(self.batches[k])
+                loader = self._loader()
+                if loader is None:
+                    return
+                result = loader.prepare(self.batches[k])
+                del loader
             except BaseException as exc:  # handed to DALI's call for batch k, then re-raised by us
                 with self._cv:
                     self.error, self._error_at = exc, k

@@ -225,3 +225,21 @@ def test_backends_cut_the_same_training_crops(shards):
     assert yd.tolist() == yt.tolist() and len(yd) == (TRAIN // 8) * 4
     diff = (xd - xt).abs().mean(dim=(1, 2, 3))
     assert float(diff.max()) < 6.0, diff  # in [0, 255] units; a different window or mirror gives > 20
+
+
+def test_dropped_dali_loader_is_freed_without_the_garbage_collector(shards):
+    """The pipeline holds its feeder; a feeder holding its loader strongly made a reference cycle that
+    kept DALI's and torch's (GPU) buffers alive until a collection ran (seen as a CUDA out-of-memory
+    in a later evaluation)."""
+    import gc
+    import weakref
+
+    loader = make_loader(_cfg(shards, "dali"), "train", 0, 1, "cpu")
+    _epoch(loader)
+    ref = weakref.ref(loader)
+    gc.disable()
+    try:
+        del loader
+        assert ref() is None
+    finally:
+        gc.enable()
