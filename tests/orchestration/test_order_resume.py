@@ -127,3 +127,41 @@ def test_changed_shards_are_refused_before_a_resume(
     with pytest.raises(DataCheckError, match=refused):
         run_training(other, REPO)
 
+
+
+def test_corrupt_sample_is_quarantined_by_all_ranks(ray_2cpu, tiny_cifar_shards, tmp_path):
+    """A JPEG whose scan data is zeroed inside a real shard (its header intact, so DALI fails on its
+    data, not on its header): training
+    completes, both ranks run every step with full batches, the sample is named once, replaced in its
+    batch, absent from epoch 2, kept in the checkpoint and logged to MLflow."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from pipeline.order import epoch_permutation
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_cifar_shards, shards)
+    table = SampleTable.load(str(shards), "train")
+    bad = int(epoch_permutation(0, 0, len(table))[10])  # read in the second step of epoch 1
+    offset, size = (int(v) for v in table.jpg[bad])
+    tar = shards / Path(table.tars[int(table.tar_of[bad])]).name
+    data = bytearray(tar.read_bytes())
+    sos = bytes(data[offset : offset + size]).index(b"\xff\xda") + 20  # into the start of scan
+    data[offset + sos : offset + size] = bytes(size - sos)  # zeros: "Input file read error" in DALI
+    tar.write_bytes(bytes(data))
+    outcome = run_training(_cfg(shards, tmp_path, "quarantine", "data.skip_corrupt=true"), REPO)
+    steps, lines = _trace(tmp_path, "quarantine")
+    assert [len(r) for r in lines] == [14, 14] and all(len(ids) == 64 for ids, _ in steps.values())
+    first = [i for s in range(1, 8) for i in steps[(0, s)][0]]
+    assert bad not in first and len(set(first)) == 64 * 7 - 1  # its substitute appears twice
+    second = [i for s in range(8, 15) for i in steps[(1, s)][0]]
+    assert bad not in second and len(set(second)) == len(second) == 64 * 7
+    shard_name, key = table.name(bad)
+    payload = load_checkpoint(outcome.members[0].checkpoint_dir)
+    records = payload["extra"]["data"]["quarantine"]
+    assert [(r["shard"], r["key"], r["epoch"]) for r in records] == [(shard_name, key, 0)]
+    client = MlflowClient(outcome.tracking_uri)
+    path = client.download_artifacts(outcome.members[0].run_id, "data/quarantine.json", str(tmp_path))
+    assert [r["key"] for r in json.loads(Path(path).read_text())] == [key]
+    assert client.get_run(outcome.members[0].run_id).data.metrics["quarantined"] == 1
