@@ -278,7 +278,7 @@ def step_loader(ctx: Context) -> StepResult:
         gpu = run_rounds(cfg, "cuda", ["dali", "graph", "previous", "raw", "torch"], z.loader_rounds)
         rates["dali_mixed"] = gpu["dali"]["images_per_s"]
         rates["dali_mixed_graph"] = gpu["graph"]["images_per_s"]  # the ordered graph without the loader
-        rates["dali_mixed_previous"] = gpu["previous"]["images_per_s"]  # the replaced reader-based path
+        rates["dali_mixed_previous"] = gpu["previous"]["images_per_s"]  # the replaced make_loader path
         rates["dali_mixed_bare"] = gpu["raw"]["images_per_s"]
         rates["pillow_dataloader"] = gpu["torch"]["images_per_s"]
         steady["dali_mixed"] = gpu["dali"]["steady_images_per_s"]

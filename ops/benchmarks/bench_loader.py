@@ -176,35 +176,31 @@ def previous_pipeline(cfg: DataConfig, device_id, spec, raw: bool):
 
 
 class PreviousLoaderTimer:
-    """The replaced ``make_loader`` DALI path: the reader-based pipeline through ``DALIGenericIterator``
-    with the conversion to torch batches, as ``make_loader`` ran it."""
+    """The replaced ``make_loader`` DALI path as it ran: a reader-based pipeline built per training
+    epoch (its seed and its shard followed the epoch), iterated through ``DALIGenericIterator`` with
+    the conversion to torch batches; the build is part of the epoch's time, as it was in training."""
 
     def __init__(self, cfg: DataConfig, device: str) -> None:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
         from pipeline.loader import resolve_device
-        from pipeline.order import SampleTable
 
-        dev, device_id = resolve_device(device)
-        self.device = dev
-        spec = _spec(cfg, dev, device_id)
-        self.pipe = previous_pipeline(cfg, device_id, spec, raw=False)
-        self.pipe.build()
-        self.per_epoch = len(SampleTable.load(cfg.shards, cfg.train_split)) // cfg.batch_size
-        self.it = DALIGenericIterator(
-            self.pipe,
-            ["images", "labels"],
-            reader_name="Reader",
-            last_batch_policy=LastBatchPolicy.DROP,
-            auto_reset=True,
-        )
-        self.nhwc = spec.layout == "NHWC"
+        self.cfg = cfg
+        self.device, self.device_id = resolve_device(device)
+        self.spec = _spec(cfg, self.device, self.device_id)
+        self.nhwc = self.spec.layout == "NHWC"
+        self.epoch(0)  # warm-up: libraries, page cache
 
     def epoch(self, epoch: int) -> tuple[int, float, float]:
         import torch
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         images, start, cpu = 0, time.perf_counter(), cpu_seconds()
-        for out in self.it:
+        cfg = replace(self.cfg, seed=self.cfg.seed * 1000 + epoch)
+        pipe = previous_pipeline(cfg, self.device_id, self.spec, raw=False)
+        pipe.build()
+        batches = DALIGenericIterator(
+            pipe, ["images", "labels"], reader_name="Reader", last_batch_policy=LastBatchPolicy.DROP
+        )
+        for out in batches:
             x = out[0]["images"].to(self.device, non_blocking=True)
             y = out[0]["labels"].reshape(-1).to(self.device).long()
             if self.nhwc:
@@ -212,6 +208,7 @@ class PreviousLoaderTimer:
             images += y.shape[0]
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        del batches, pipe
         return images, time.perf_counter() - start, cpu_seconds() - cpu
 
 

@@ -221,4 +221,4 @@ def test_killed_during_checkpoint_write_keeps_the_previous_one(tmp_path):
         [f"checkpoint.storage_path={tmp_path / 'runs'}", "checkpoint.name=job"],
         root=str(REPO),
     )
-    assert newest_local_checkpoint(cfg, newer_than_epoch=0) == ckpt
+    assert newest_local_checkpoint(cfg, newer_than_step=0) == ckpt
