@@ -75,7 +75,10 @@ def test_two_workers_learn_and_track(ray_2cpu, small_cifar_shards, tmp_path):
         assert len(client.get_metric_history(run_id, key)) == 5, key
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config", "class_names.txt", "training_curves.png", "checkpoint"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == [
+        "checkpoint/checkpoint.pt",
+        "checkpoint/data_state.json",  # position, manifest hash and global batch: checked before a resume
+    ]
     names = Path(client.download_artifacts(run_id, "class_names.txt", str(tmp_path))).read_text().split()
     assert names[:3] == ["airplane", "automobile", "bird"] and len(names) == 10
 
@@ -89,6 +92,12 @@ def test_two_workers_learn_and_track(ray_2cpu, small_cifar_shards, tmp_path):
     }
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in payload["model"])
     assert payload["extra"]["ema_updates"] == 155 and len(payload["extra"]["rng"]) == 2
+    assert payload["extra"]["data"] == {
+        "position": 0,
+        "quarantine": [],
+        "manifest_sha256": manifest_sha256(shards),
+        "global_batch": 64,
+    }
 
 
 def test_killed_worker_resumes_exactly(ray_2cpu, tiny_cifar_shards, tmp_path):
