@@ -7,7 +7,9 @@ prints its timings (``pytest -s`` shows them).
 (b) the MLflow server dies mid-run and comes back: training goes on, and the metrics of the outage
     are logged once it is back (buffered in the rank-0 tracker);
 (c) the process writing a checkpoint is killed during the write: the previous checkpoint stays
-    loadable and is the one a resume picks.
+    loadable and is the one a resume picks;
+(d) an elastic run (Ray Train's worker range) loses a node that is not replaced: it goes on with
+    one worker from its last mid-epoch checkpoint and consumes the undisturbed run's sample order.
 """
 
 from __future__ import annotations
@@ -222,3 +224,70 @@ def test_killed_during_checkpoint_write_keeps_the_previous_one(tmp_path):
         root=str(REPO),
     )
     assert newest_local_checkpoint(cfg, newer_than_step=0) == ckpt
+
+
+# ---- (d) elastic: a node is lost and the run goes on with the workers it has -------------------
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_elastic_run_continues_the_same_order_on_fewer_workers(
+    two_node_cluster, small_cifar_shards, tmp_path
+):
+    """Ray Train's elastic range (``scaling.min_workers=1``, ``num_workers=2``): a node holding a
+    worker is killed and not replaced; the run resumes from its last mid-epoch checkpoint on the one
+    worker left (``data.global_batch`` keeps the global batch of 64) and consumes exactly the global
+    sequence of samples of an undisturbed 2-worker run."""
+    import json
+
+    from orchestration.ensemble import run_training
+
+    cluster, nodes = two_node_cluster
+    common = (
+        "schedule.epochs=2",
+        "checkpoint.max_failures=2",
+        "scaling.min_workers=1",
+        "scaling.num_workers=2",
+        "data.global_batch=64",
+        "checkpoint.every_steps=5",
+    )
+
+    def cfg(name):
+        trace = f"debug.trace_file={tmp_path / 'trace' / name}"
+        return _cfg(small_cifar_shards, tmp_path, *common, f"checkpoint.name={name}", trace)
+
+    def records(name):
+        ranks = sorted((tmp_path / "trace").glob(f"{name}.rank*"))
+        return [[json.loads(x) for x in r.read_text().splitlines()] for r in ranks]
+
+    run_training(cfg("elastic-clean"), REPO)
+    r0, r1 = records("elastic-clean")
+    undisturbed = [a["ids"] + b["ids"] for a, b in zip(r0, r1, strict=True)]
+    assert len(undisturbed) == 2 * 31
+
+    run_dir = Path(tmp_path / "runs" / "elastic")
+    outcome: dict = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(result=run_training(cfg("elastic"), REPO)), daemon=True
+    )
+    start = time.monotonic()
+    thread.start()
+    _wait_for(lambda: len(list(run_dir.glob("checkpoint_*"))) >= 2, 300, "two mid-epoch checkpoints")
+    time.sleep(0.5)
+    killed_at = time.monotonic() - start
+    cluster.remove_node(nodes[1], allow_graceful=False)  # not replaced: the run must shrink
+    try:
+        thread.join(timeout=600)
+        assert not thread.is_alive(), "the run did not finish on the remaining worker"
+    finally:
+        nodes[1] = cluster.add_node(num_cpus=1)  # the cluster as the other tests expect it
+    print(f"[chaos d] node killed at {killed_at:.1f}s; elastic run {time.monotonic() - start:.1f}s")
+    ranks = records("elastic")
+    first, after = ranks[0], []
+    drop = next(i for i in range(1, len(first)) if first[i]["step"] <= first[i - 1]["step"])
+    resumed_from = first[drop]["step"] - 1  # the checkpoint the one-worker run started from
+    assert resumed_from % 5 == 0 and resumed_from >= 10
+    before = [a["ids"] + b["ids"] for a, b in zip(first[:resumed_from], ranks[1][:resumed_from], strict=True)]
+    after = [r["ids"] for r in first[drop:]]
+    assert all(len(ids) == 64 for ids in after)  # one worker, the whole global batch
+    assert before + after == undisturbed
+    payload = load_checkpoint(outcome["result"].members[0].checkpoint_dir)
+    assert (payload["epoch"], payload["step"]) == (2, 62) and payload["extra"]["world_size"] == 1
