@@ -35,6 +35,9 @@ class DataConfig:
     val_resize: int = 342  # shorter side before the centre crop (299 / 0.875, as torchvision/timm)
     crop_area: tuple[float, float] = (0.08, 1.0)  # GoogLeNet/Inception random-sized crop (area fraction)
     crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range of that crop
+    # Training colour distortion as TF-slim's inception_preprocessing (fast mode, its default): a
+    # random brightness shift of up to +-32/255, then a random saturation factor in [0.5, 1.5]
+    color_distortion: bool = False
     normalization: str = "imagenet"  # "imagenet" mean/std | "inception" ([-1, 1], TF-trained weights)
     # Memory order of the [B, 3, S, S] batches: "NHWC" hands over channels-last memory (DALI writes HWC;
     # the batch is an NCHW-shaped view of it, what channels_last convolutions read without a copy),

@@ -161,13 +161,14 @@ class DaliLoader(OrderedLoader):
             layout=self.layout,
             half=self.cfg.dtype == "float16",
             windows=unmirrored(self.plan_windows),
+            color=self.cfg.color_distortion and self.mode == "train",
             preallocate=self.cfg.dali_preallocate,
         )
 
     # --- feeding --------------------------------------------------------------------------------
     def prepare(self, batch: Batch):
         """``(sample indices, external_source outputs)`` of one batch (called by the ``Feeder``)."""
-        ids, jpegs, anchors, shapes, mirrors = [], [], [], [], []
+        ids, jpegs, anchors, shapes, mirrors, colors = [], [], [], [], [], []
         for i, pos in zip(batch.ids, batch.positions, strict=True):
             while True:
                 j = self.resolve(i, int(pos))
@@ -190,15 +191,22 @@ class DaliLoader(OrderedLoader):
                 anchors.append((left, top))
                 shapes.append((w, h))
                 mirrors.append(mirror)
+                if self.cfg.color_distortion:
+                    brightness, saturation = self.color(int(pos))
+                    colors.append((brightness / 255.0, saturation))
         if not ids:
             raise CorruptSampleError(f"every sample of batch {batch.step} of split {self.split!r} is damaged")
         if self.mode == "train":  # uniform per-sample values go as one array each (one conversion)
-            return ids, (
+            outputs = (
                 jpegs,
                 np.asarray(anchors, dtype=np.float32),
                 np.asarray(shapes, dtype=np.float32),
                 np.asarray(mirrors, dtype=np.int32),
             )
+            if self.cfg.color_distortion:
+                c = np.asarray(colors, dtype=np.float32)
+                outputs += (np.ascontiguousarray(c[:, 0]), np.ascontiguousarray(c[:, 1]))
+            return ids, outputs
         return ids, jpegs
 
     # --- iteration ------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class PipelineSpec:
     layout: str  # "NCHW" | "NHWC" (resolved: never "auto")
     half: bool  # float16 output instead of float32
     windows: tuple[CropWindow, ...] = ()  # multi-crop windows to cut (mirrors are added by the loader)
+    color: bool = False  # training colour distortion (brightness shift, saturation) from the feeder
     preallocate: bool = True  # "mixed": pre-size decoder buffers (DataConfig.dali_preallocate)
 
 
@@ -62,7 +63,7 @@ def _decoder_args(spec: PipelineSpec) -> dict:
     return extra
 
 
-def train_images(jpegs, anchor, shape, mirror, spec: PipelineSpec):
+def train_images(jpegs, anchor, shape, mirror, spec: PipelineSpec, brightness=None, saturation=None):
     """The training transform with its random parameters given per sample (``pipeline.order.crop_params``):
     decode only the crop window (ROI decode, as ``image_random_crop`` does), resize it to S x S,
     mirror, normalise."""
@@ -78,7 +79,11 @@ def train_images(jpegs, anchor, shape, mirror, spec: PipelineSpec):
         **_decoder_args(spec),
     )
     s = spec.image_size
-    return _normalize(fn.resize(images, size=(s, s)), spec, mirror=mirror)
+    images = fn.resize(images, size=(s, s))
+    if brightness is not None:  # TF-slim's fast-mode distort_color: brightness, then saturation
+        images = fn.brightness_contrast(images, brightness_shift=brightness)
+        images = fn.hsv(images, saturation=saturation)
+    return _normalize(images, spec, mirror=mirror)
 
 
 def _decode(jpegs, spec: PipelineSpec):
@@ -133,15 +138,16 @@ def eval_images(jpegs, spec: PipelineSpec, mode: str):
 
 @pipeline_def
 def train_pipeline(spec: PipelineSpec, source):
-    """``source()``: per batch, (JPEG bytes, crop anchors (x, y), crop shapes (w, h), mirror flags)."""
-    jpegs, anchor, shape, mirror = fn.external_source(
+    """``source()``: per batch, (JPEG bytes, crop anchors (x, y), crop shapes (w, h), mirror flags)
+    and, with ``spec.color``, (brightness shifts as fractions of 255, saturation factors)."""
+    outputs = fn.external_source(
         source=source,
-        num_outputs=4,
+        num_outputs=6 if spec.color else 4,
         batch=True,
         no_copy=True,  # the arrays are views of memory-mapped tars, kept alive by the feeder
-        dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32],
+        dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32] + [types.FLOAT] * (2 if spec.color else 0),
     )
-    return train_images(jpegs, anchor, shape, mirror, spec)
+    return train_images(*outputs[:4], spec, *outputs[4:])
 
 
 @pipeline_def

@@ -353,6 +353,28 @@ def crop_params(
     return top, left, h, w, rng.random() < 0.5
 
 
+BRIGHTNESS_DELTA = 32.0  # TF-slim distort_color: random_brightness(max_delta=32. / 255.), in [0, 255] units
+SATURATION_RANGE = (0.5, 1.5)  # TF-slim distort_color: random_saturation(lower=0.5, upper=1.5)
+
+
+def color_params(seed: int, epoch: int, position: int) -> tuple[float, float]:
+    """``(brightness shift in [0, 255] units, saturation factor)`` at a position of an epoch: a stream
+    of its own, so switching the distortion on leaves every crop and mirror as it was."""
+    rng = random.Random((1 << 160) | (int(seed) << 96) ^ (int(epoch) << 48) ^ int(position))
+    return rng.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA), rng.uniform(*SATURATION_RANGE)
+
+
+def distort_color(image: np.ndarray, brightness: float, saturation: float) -> np.ndarray:
+    """The reference of the colour distortion on a uint8 HWC image, as DALI computes it: brightness
+    shift clamped to [0, 255], then saturation as a blend with the ITU-R 601 luma (DALI's ``hsv``
+    works in YIQ, where scaling saturation is exactly that blend; Pillow's ``ImageEnhance.Color``
+    too)."""
+    x = np.clip(image.astype(np.float32) + brightness, 0, 255).round()
+    luma = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    x = luma[..., None] + saturation * (x - luma[..., None])
+    return np.clip(x, 0, 255).round().astype(np.uint8)
+
+
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
@@ -484,6 +506,9 @@ class OrderedLoader:
         if i not in self.quarantine:
             return i
         return self.order.substitute(self.epoch, position) if self.mode == "train" else None
+
+    def color(self, position: int) -> tuple[float, float]:
+        return color_params(self.cfg.seed, self.epoch, position)
 
     def crop(self, position: int, height: int, width: int) -> tuple[int, int, int, int, bool]:
         return crop_params(

@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.multicrop import apply_plan, crop_plan, normalize
-from pipeline.order import OrderedLoader
+from pipeline.order import OrderedLoader, distort_color
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -55,6 +55,8 @@ class OrderedDataset(Dataset):
         top, left, h, w, mirror = ld.crop(position, img.height, img.width)
         s = ld.cfg.image_size
         arr = np.array(img.resize((s, s), Image.BILINEAR, box=(left, top, left + w, top + h)))
+        if ld.cfg.color_distortion:
+            arr = distort_color(arr, *ld.color(position))
         return np.ascontiguousarray(arr[:, ::-1]) if mirror else arr
 
     def __getitem__(self, k: int):

@@ -136,6 +136,7 @@ def test_imagenet_recipe_defaults_are_the_reference_implementations():
         2.0,
     )
     assert (cfg.model.bn_momentum, cfg.model.dropout, tuple(cfg.data.crop_area)) == (0.0003, 0.2, (0.05, 1.0))
+    assert cfg.data.color_distortion  # TF-slim distort_color, fast mode
 
 
 @pytest.mark.slow

@@ -243,3 +243,61 @@ def test_dropped_dali_loader_is_freed_without_the_garbage_collector(shards):
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_color_distortion_dali_matches_the_reference():
+    """DALI's brightness_contrast + hsv(saturation) against ``distort_color`` on a colourful image:
+    the same pixels to within rounding, and a brightness shift that clamps at 0 and 255."""
+    import numpy as np
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    from pipeline.order import distort_color
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
+    cases = [(20.0, 1.4), (-31.0, 0.6), (5.5, 1.0), (32.0, 0.5)]
+
+    @pipeline_def(batch_size=len(cases), num_threads=1, device_id=None)
+    def pipe():
+        images = fn.external_source(source=lambda: [image] * len(cases), batch=True, layout="HWC")
+        b = fn.external_source(source=lambda: [np.float32(c[0] / 255) for c in cases], batch=True)
+        s = fn.external_source(source=lambda: [np.float32(c[1]) for c in cases], batch=True)
+        return fn.hsv(fn.brightness_contrast(images, brightness_shift=b), saturation=s, dtype=types.UINT8)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    for i, (b, s) in enumerate(cases):
+        got = np.array(out[i]).astype(int)
+        want = distort_color(image, b, s).astype(int)
+        assert np.abs(got - want).max() <= 2, (b, s, np.abs(got - want).max())
+    assert distort_color(np.full((1, 1, 3), 250, np.uint8), 32.0, 1.0).tolist() == [[[255, 255, 255]]]
+
+
+def test_color_distortion_is_the_same_in_both_backends(shards):
+    out = {}
+    for backend in BACKENDS:
+        cfg = _cfg(shards, backend, color_distortion=True)
+        loader = make_loader(cfg, "train", 0, 1, "cpu")
+        loader.set_epoch(2)
+        xs, ys = _epoch(loader)
+        out[backend] = (_pixels(torch.cat(xs), cfg), torch.cat(ys))
+    plain = make_loader(_cfg(shards, "dali"), "train", 0, 1, "cpu")
+    plain.set_epoch(2)
+    px_plain = _pixels(torch.cat(_epoch(plain)[0]), _cfg(shards, "dali"))
+    (xd, yd), (xt, yt) = out["dali"], out["torch"]
+    assert yd.tolist() == yt.tolist()
+    assert float((xd - xt).abs().mean(dim=(1, 2, 3)).max()) < 6.0
+    shift = (xd - px_plain).abs().mean(dim=(1, 2, 3))
+    assert float(shift.min()) > 1.0  # every image's colours changed
+
+
+def test_color_params_follow_tf_slim_ranges():
+    from pipeline.order import color_params
+
+    draws = [color_params(0, 1, p) for p in range(2000)]
+    assert all(-32 <= b <= 32 and 0.5 <= s <= 1.5 for b, s in draws)
+    assert min(b for b, _ in draws) < -30 and max(b for b, _ in draws) > 30
+    assert color_params(0, 1, 7) == color_params(0, 1, 7) != color_params(0, 2, 7)
