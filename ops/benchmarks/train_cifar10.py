@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data_dir:
         parser.error(f"--data-dir (or REAL_DATA_DIR) must name the folder holding {ARCHIVE}")
 
+    from orchestration.console import quiet_defaults
+
+    quiet_defaults()  # before Ray and MLflow are imported: one line per epoch (as orchestration/train.py)
     from orchestration.config import ConfigError, load_config
     from orchestration.ensemble import run_training
     from orchestration.train import init_ray
