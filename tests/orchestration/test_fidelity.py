@@ -196,3 +196,30 @@ def test_googlenet_pools_as_the_paper_or_as_torchvision():
     torch.testing.assert_close(paper.maxpool4(grid)[..., 1, 1], grid[..., 2:5, 2:5].amax(dim=(-2, -1)))
     img = torch.randn(1, 3, 224, 224)
     assert paper(img).shape == tv(img).shape == (1, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_ablation_ladder_benchmark_runs_its_rungs(real_data_dir, tmp_path):
+    """``python -m ops.benchmarks.ablation_ladder`` end to end on a CIFAR-10 subset, two rungs, two
+    steps each: one table row per rung, with the paper's figures beside."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "ops.benchmarks.ablation_ladder", "--data-dir", str(real_data_dir),
+            "--out", str(tmp_path), "--epochs", "1", "--rungs", "1,5", "--per-class-train", "20",
+            "--per-class-test", "10", "--json", str(tmp_path / "ladder.json"),
+            "debug.max_steps_per_epoch=2", "checkpoint.max_failures=0",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "ladder.json").read_text())
+    assert [(r["rung"], r["name"], r["images"], r["epochs"]) for r in rows] == [
+        (1, "1-inception-v2", 100, 1),
+        (5, "5-bn-auxiliary", 100, 1),
+    ]
+    assert "| 1. Inception-v2 |" in out.stdout and "| 21.2 / 5.6 |" in out.stdout
