@@ -223,3 +223,15 @@ def test_ablation_ladder_benchmark_runs_its_rungs(real_data_dir, tmp_path):
         (5, "5-bn-auxiliary", 100, 1),
     ]
     assert "| 1. Inception-v2 |" in out.stdout and "| 21.2 / 5.6 |" in out.stdout
+
+
+def test_decay_and_per_tensor_clipping_leave_plain_gradients():
+    """``g += wd * w`` ran with autograd on: every gradient became part of a graph (``w`` requires
+    grad), the per-tensor norms extended it, and a training process grew by ~13 MB a step until the
+    machine ran out of memory. The gradients must stay plain tensors."""
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    net(torch.randn(5, 4)).square().sum().backward()
+    add_weight_decay([net[0].weight, net[1].weight], 4e-5)
+    clip_gradients(net, 0.1, "per_tensor")
+    for p in net.parameters():
+        assert p.grad.grad_fn is None and not p.grad.requires_grad
