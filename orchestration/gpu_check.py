@@ -248,8 +248,9 @@ def step_gpu_tests(ctx: Context) -> StepResult:
 
 # --- step 2: the loader alone --------------------------------------------------------------------
 def _epoch_start_s(cfg, device: str) -> float:
-    """Seconds from ``iter(loader)`` to the first batch of an epoch after the first: the pipeline is
-    kept across epochs, so this is refilling its queue (the first epoch also builds it)."""
+    """Seconds from ``iter(loader)`` to the first batch of a freshly built pipeline (nvJPEG buffers
+    included). A pass abandoned after its first batch, as here, leaves batches in flight, so the
+    next pass builds afresh; a completed epoch is reset instead and pays only the queue refill."""
     from pipeline import make_loader
 
     loader = make_loader(cfg, "train", 0, 1, device)

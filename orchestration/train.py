@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ops.checkpoint import CheckpointError
     from orchestration.ensemble import run_training
+    from orchestration.trainer import DataCheckError
     from pipeline import ShardFormatError
 
     try:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(args.address, args.num_cpus)
         # --root is the user's checkout under `ray job submit` (the job runs in a copy without .git)
         outcome = run_training(cfg, args.root or REPO_ROOT)
-    except (ShardFormatError, CheckpointError) as exc:
+    except (ShardFormatError, CheckpointError, DataCheckError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # Ray's TrainingFailedError and friends: one line, details are in the log above

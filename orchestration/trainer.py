@@ -258,7 +258,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         tracker.set_tags(
             {
                 "num_classes": num_classes,
-                "global_batch": cfg.global_batch(),
+                "global_batch": global_batch,
                 "base_lr": base_lr,
                 "steps_per_epoch": steps_per_epoch,
                 "world_size": world_size,

@@ -70,7 +70,6 @@ class Feeder:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._alive: deque = deque(maxlen=loader.cfg.prefetch + self.LOOKAHEAD + 2)
-        self.batches: list[Batch] = []
         self.reset([])
 
     def reset(self, batches: list[Batch], first: int = 0) -> None:

@@ -34,7 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.schema import IMAGE_EXT, LABEL_EXT, ShardFormatError, load_manifest, split_files
+from pipeline.schema import (
+    IMAGE_EXT,
+    LABEL_EXT,
+    ShardFormatError,
+    load_manifest,
+    read_index,
+    split_files,
+    truncated_samples,
+)
 
 ORDER_STREAM = 0x0D3E  # seed-sequence word that separates the order from other random streams
 NUM_CROP_ATTEMPTS = 10  # DALI's image_random_crop default, kept by both backends
@@ -52,21 +60,6 @@ def corrupt_sample_error(key: str, tar: str, reason: object) -> CorruptSampleErr
 
 
 # --- the table --------------------------------------------------------------------------------------
-def parse_index(idx_path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """``(key, {ext: (data offset, size)})`` per sample of a DALI v1.2 index (``ext offset size name``)."""
-    lines = Path(idx_path).read_text(encoding="utf-8").splitlines()
-    out = []
-    for n, line in enumerate(lines[1:], start=2):
-        tok = line.split()
-        if not tok:
-            continue
-        if len(tok) % 4:
-            raise ShardFormatError(f"{idx_path} line {n}: expected groups of 'ext offset size name'")
-        comps = {tok[i]: (int(tok[i + 1]), int(tok[i + 2])) for i in range(0, len(tok), 4)}
-        out.append((tok[3].partition(".")[0], comps))
-    return out
-
-
 @dataclass
 class SampleTable:
     """The samples of one split in manifest order; sample ``i`` is identified by its index ``i``."""
@@ -92,21 +85,23 @@ class SampleTable:
         tars, idxs = split_files(shards, split)
         keys, tar_of, jpg, lbl, truncated = [], [], [], [], {}
         for t, (tar, idx, sh) in enumerate(zip(tars, idxs, info.shards, strict=True)):
-            entries = parse_index(idx)
+            try:
+                _, entries = read_index(idx)
+            except ValueError as exc:
+                raise ShardFormatError(f"{idx}: {exc}") from None
             if len(entries) != sh.count:
                 raise ShardFormatError(
                     f"{idx} lists {len(entries)} samples, the manifest {sh.count}: "
                     "rebuild or re-index the shards"
                 )
-            size = Path(tar).stat().st_size
-            for key, comps in entries:
+            cut = dict(truncated_samples(tar, idx, entries))
+            for sample in entries:
+                key = sample[0][3].partition(".")[0]
+                comps = {ext: (offset, size) for ext, offset, size, _ in sample}
                 if IMAGE_EXT not in comps or LABEL_EXT not in comps:
                     raise ShardFormatError(f"{idx}: sample {key!r} lacks .{IMAGE_EXT} or .{LABEL_EXT}")
-                end = max(o + n for o, n in comps.values())
-                if end > size:
-                    truncated[len(keys)] = (
-                        f"truncated: its data ends at byte {end} but {Path(tar).name} has {size} bytes"
-                    )
+                if key in cut:
+                    truncated[len(keys)] = cut[key]
                 keys.append(key)
                 tar_of.append(t)
                 jpg.append(comps[IMAGE_EXT])

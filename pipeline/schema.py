@@ -32,6 +32,7 @@ CLASS_EXT = "cls"
 LABEL_EXT = "lbl"
 META_EXT = "json"
 SAMPLE_EXTS = (IMAGE_EXT, CLASS_EXT, LABEL_EXT, META_EXT)
+INDEX_VERSION = "v1.2"  # DALI tools/wds2idx.py IndexCreator.index_file_version
 
 
 class ShardFormatError(ValueError):
@@ -179,3 +180,38 @@ def split_files(folder: str | Path, split: str) -> tuple[list[str], list[str]]:
         tars.append(str(folder / sh.tar))
         idxs.append(str(folder / sh.index))
     return tars, idxs
+
+
+def read_index(path: str | Path) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
+    """A DALI v1.2 index: ``(declared count, per sample [(ext, data offset, size, member name), ...])``;
+    ValueError names the line that breaks the format."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise ValueError(f"first line must be '{INDEX_VERSION} <count>', got {lines[:1]}")
+    samples = []
+    for n, line in enumerate(lines[1:], start=2):
+        tok = line.split()
+        if not tok:
+            continue
+        if len(tok) % 4:
+            raise ValueError(f"line {n}: expected groups of 'ext offset size name'")
+        groups = range(0, len(tok), 4)
+        samples.append([(tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]) for i in groups])
+    return int(head[1]), samples
+
+
+def truncated_samples(tar: str | Path, idx: str | Path, entries: list | None = None) -> list[tuple[str, str]]:
+    """``(key, reason)`` of every sample whose bytes, by the index's offsets, extend past the end of
+    the tar: what a cut-off copy or an interrupted transfer leaves. Reads the index (unless its
+    ``entries`` are given) and one stat."""
+    size = Path(tar).stat().st_size
+    if entries is None:
+        _, entries = read_index(idx)
+    out = []
+    for sample in entries:
+        end = max(offset + length for _, offset, length, _ in sample)
+        if end > size:
+            key = sample[0][3].partition(".")[0]
+            out.append((key, f"truncated: its data ends at byte {end} but {Path(tar).name} has {size} bytes"))
+    return out

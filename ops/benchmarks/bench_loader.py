@@ -228,14 +228,13 @@ class PipeTimer:
         from pipeline.dali_loader import DaliLoader, Feeder
         from pipeline.dali_pipelines import train_pipeline
         from pipeline.loader import resolve_device
+        from pipeline.order import SampleTable
 
         dev, device_id = resolve_device(device)
         self.gpu, self.batch = device_id is not None, cfg.batch_size
         if which == "raw":
             self.pipe = previous_pipeline(cfg, device_id, _spec(cfg, dev, device_id), raw=True)
-            self.per_epoch = (
-                len(DaliLoader(cfg, cfg.train_split, 0, 1, dev, device_id, "train").table) // self.batch
-            )
+            self.per_epoch = len(SampleTable.load(cfg.shards, cfg.train_split)) // self.batch
             self.feed = None
         else:
             self.loader = DaliLoader(cfg, cfg.train_split, 0, 1, dev, device_id, "train")

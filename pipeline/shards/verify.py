@@ -23,9 +23,17 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.progress import progress as progress_bar
-from pipeline.schema import SAMPLE_EXTS, ShardFormatError, ShardInfo, decode_lbl, load_manifest
+from pipeline.schema import (
+    SAMPLE_EXTS,
+    ShardFormatError,
+    ShardInfo,
+    decode_lbl,
+    load_manifest,
+    read_index,
+    truncated_samples,
+)
 from pipeline.shards.outdir import foreign_files
-from pipeline.shards.writer import INDEX_VERSION, file_sha256
+from pipeline.shards.writer import file_sha256
 
 MAX_ERRORS_PER_SHARD = 20  # keep the summary readable when a shard is badly broken
 
@@ -66,43 +74,12 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _read_index(path: Path) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
-        raise ValueError(f"first line must be '{INDEX_VERSION} <count>', got {lines[:1]}")
-    samples = []
-    for n, line in enumerate(lines[1:], start=2):
-        tok = line.split()
-        if len(tok) % 4:
-            raise ValueError(f"line {n}: expected groups of 'ext offset size name'")
-        groups = range(0, len(tok), 4)
-        samples.append([(tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]) for i in groups])
-    return int(head[1]), samples
-
-
-def truncated_samples(tar: str | Path, idx: str | Path, entries: list | None = None) -> list[tuple[str, str]]:
-    """``(key, reason)`` of every sample whose bytes, by the index's offsets, extend past the end of
-    the tar: what a cut-off copy or an interrupted transfer leaves. Reads the index (unless its
-    ``entries`` are given) and one stat."""
-    size = Path(tar).stat().st_size
-    if entries is None:
-        _, entries = _read_index(Path(idx))
-    out = []
-    for sample in entries:
-        end = max(offset + length for _, offset, length, _ in sample)
-        if end > size:
-            key = sample[0][3].partition(".")[0]
-            out.append((key, f"truncated: its data ends at byte {end} but {Path(tar).name} has {size} bytes"))
-    return out
-
-
 def _diagnose_damaged(folder: Path, sh: ShardInfo) -> list[str]:
     """After a checksum mismatch (``--deep``): every truncated and every undecodable sample by key,
     read through the index's offsets (the tar itself may not parse any more)."""
     tar, idx = folder / sh.tar, folder / sh.index
     try:
-        _, entries = _read_index(idx)
+        _, entries = read_index(idx)
         truncated = truncated_samples(tar, idx, entries)
     except (ValueError, UnicodeDecodeError) as exc:
         return [f"{sh.index}: unreadable DALI index: {exc}"]
@@ -173,7 +150,7 @@ def _check_shard(folder: Path, sh: ShardInfo, num_classes: int, deep: bool, keys
         if deep:
             errs += _deep_check(sh.tar, key, comps, lbl)
     try:
-        count, entries = _read_index(idx)
+        count, entries = read_index(idx)
     except (ValueError, UnicodeDecodeError) as exc:
         return errs + [f"{sh.index}: unreadable DALI index: {exc}"]
     flat = [e for sample in entries for e in sample]

@@ -22,11 +22,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.schema import CLASS_EXT, IMAGE_EXT, LABEL_EXT, META_EXT, encode_label
+from pipeline.schema import CLASS_EXT, IMAGE_EXT, INDEX_VERSION, LABEL_EXT, META_EXT, encode_label
 
 BLOCK = 512  # tar block size (POSIX.1-1988 ustar)
 RECORD = 20 * BLOCK  # tar's default record (blocking factor 20), as GNU tar and Python's tarfile pad
-INDEX_VERSION = "v1.2"  # DALI tools/wds2idx.py IndexCreator.index_file_version
 
 
 @dataclass(frozen=True)

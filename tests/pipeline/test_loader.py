@@ -194,8 +194,8 @@ def test_gpu_mixed_decoding_matches_cpu(shards, crops):
 
 
 def test_eval_pipeline_built_once_and_reset_per_pass(shards):
-    """Validating raw and EMA weights every epoch reuses one DALI pipeline per loader; a kept reader
-    must stay on its shard (DALI moves a reader to the next shard each epoch unless told not to)."""
+    """Validating raw and EMA weights every epoch reuses one DALI pipeline per loader (reset per pass,
+    each pass the same samples); an abandoned pass makes the next one build afresh."""
     cfg = _cfg(shards, "dali")
     loader = make_loader(cfg, "val", 1, 2, "cpu")  # rank 1 of 2: samples [10, 21) of 21
     passes = [_epoch(loader) for _ in range(3)]

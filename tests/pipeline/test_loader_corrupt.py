@@ -74,13 +74,13 @@ def test_skip_corrupt_later_passes_leave_the_sample_out(shards, backend):
 def _cut(folder, tar_name: str, keep_samples: int) -> list[str]:
     """Cut ``tar_name`` 100 bytes into its sample ``keep_samples`` (0: into the first one), as an
     interrupted copy would; returns the keys cut off, in order."""
-    from pipeline.order import parse_index
+    from pipeline.schema import read_index
 
-    entries = parse_index(folder / tar_name.replace(".tar", ".idx"))
-    offset = entries[keep_samples][1]["jpg"][0]
+    _, entries = read_index(folder / tar_name.replace(".tar", ".idx"))
+    offset = entries[keep_samples][0][1]  # the first component's (jpg) data offset
     tar = folder / tar_name
     tar.write_bytes(tar.read_bytes()[: offset + 100])
-    return [key for key, _ in entries[keep_samples:]]
+    return [sample[0][3].partition(".")[0] for sample in entries[keep_samples:]]
 
 
 @pytest.fixture
