@@ -65,7 +65,9 @@ def repeat_pair_fraction(first: np.ndarray, second: np.ndarray, g: int) -> float
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m ops.benchmarks.shuffle_quality",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--samples", type=int, default=1281167, help="samples per epoch (default: ImageNet's train split)"
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if min(a.workers, a.batch, a.buffer) < 1 or a.samples < 2 * a.workers * a.batch:
+        p.error("--workers, --batch and --buffer must be >= 1, and --samples at least two global batches")
     n, g = a.samples, a.workers * a.batch
     t0 = time.perf_counter()
     ours = repeat_pair_fraction(global_epoch(a.seed, 0, n, g), global_epoch(a.seed, 1, n, g), g)
