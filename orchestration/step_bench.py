@@ -67,6 +67,10 @@ class StepSetting:
     amp: bool
     channels_last: bool
     compile: bool
+    clip_mode: str | None = None  # None: the config's (per_tensor); "global" for the side-by-side
+
+    def with_clip(self, mode: str) -> StepSetting:
+        return StepSetting(f"{self.name} [{mode} clip]", self.amp, self.channels_last, self.compile, mode)
 
 
 STEP_SETTINGS = (
@@ -88,7 +92,7 @@ def loop_settings_for(
         aux_weights=aux_weights,
         label_smoothing=optim.label_smoothing,
         clip_grad_norm=optim.clip_grad_norm,
-        clip_mode=optim.clip_mode,
+        clip_mode=setting.clip_mode or optim.clip_mode,
         loss_weight_decay=loss_weight_decay(optim),
         log_every=10**9,
     )

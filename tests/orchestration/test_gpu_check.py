@@ -37,7 +37,13 @@ def test_gpu_check_smoke_runs_every_cpu_step(tmp_path):
     rates = steps["loader"]["figures"]["images_per_s"]
     assert set(rates) == {"dali_cpu", "pillow_dataloader"} and min(rates.values()) > 0
     rows = steps["train-step"]["figures"]["rows"]
-    assert [(r["setting"], r["batch"]) for r in rows] == [("float32", 4), ("bf16+channels_last", 4)]
+    assert [(r["setting"], r["batch"]) for r in rows] == [
+        ("float32", 4),
+        ("bf16+channels_last", 4),
+        ("bf16+channels_last [global clip]", 4),
+    ]
+    ratio = steps["train-step"]["figures"]["per_tensor_over_global_clip"]["bf16+channels_last"]
+    assert ratio == pytest.approx(rows[1]["images_per_s"] / rows[2]["images_per_s"])
     e2e = steps["end-to-end"]["figures"]
     assert e2e["steps"] == 6 and 0 <= e2e["steady_loader_wait_frac"] < 1
     assert e2e["resume"]["bit_exact"] and e2e["resume"]["steps"] == 3
