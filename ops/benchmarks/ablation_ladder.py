@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestration.console import quiet_defaults
 
     quiet_defaults()  # before Ray and MLflow are imported
-    from ops.benchmarks.train_cifar10 import build_cifar10_shards
+    from ops.benchmarks.real_data import build_real_shards
     from orchestration.config import ConfigError, load_config
     from orchestration.ensemble import run_training
     from orchestration.train import init_ray
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     try:
         rungs = rung_files([int(r) for r in args.rungs.split(",") if r.strip()])
-        shards = build_cifar10_shards(
+        shards = build_real_shards(
+            "cifar10",
             args.data_dir, out / "shards", args.per_class_train, args.per_class_test
         )
         configs = []

@@ -5,8 +5,8 @@
 
 ``--data-dir`` holds ``cifar10-jpg.tar.gz`` (default ``$REAL_DATA_DIR``); ``train/<class>/*.jpg`` becomes
 the ``train`` split and ``test/<class>/*.jpg`` the ``val`` split of ``<out>/shards`` (built once with
-``pipeline.shards.build_shards``), then ``orchestration/train.py --config configs/cifar10.yaml`` trains in
-this process (local Ray, 2 workers). Target (issue 5): >= 50% top-1 on the test split within 15 minutes of
+``ops.benchmarks.real_data``), then ``orchestration/train.py --config configs/cifar10.yaml`` trains in
+this process (local Ray, 2 workers). Target: >= 50% top-1 on the test split within 15 minutes of
 training on 2 cores. ``--per-class-*`` build a subset for smoke runs. Prints one JSON summary line.
 """
 
@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,65 +24,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 ARCHIVE = "cifar10-jpg.tar.gz"
-SPLITS = {"train": "train", "test": "val"}  # archive folder -> shard split
-
-
-def extract_subset(archive: Path, dest: Path, per_class: dict[str, int | None]) -> None:
-    """Extract ``<folder>/<class>/*.jpg``, at most ``per_class[folder]`` files per class (None: all)."""
-    seen: dict[tuple[str, str], int] = {}
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:
-            parts = member.name.strip("./").split("/")
-            if not member.isfile() or len(parts) != 3 or parts[0] not in per_class:
-                continue
-            key = (parts[0], parts[1])
-            limit = per_class[parts[0]]
-            if limit is not None and seen.get(key, 0) >= limit:
-                continue
-            seen[key] = seen.get(key, 0) + 1
-            target = dest / member.name.strip("./")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(tar.extractfile(member).read())
-
-
-def build_cifar10_shards(
-    data_dir: str | Path,
-    out: str | Path,
-    per_class_train: int | None = None,
-    per_class_test: int | None = None,
-    progress: bool = True,
-) -> Path:
-    """Shards of CIFAR-10 (``train`` and ``val`` splits) in ``out``; reused when the manifest has both."""
-    from pipeline import load_manifest
-    from pipeline.shards import build_shards
-
-    out = Path(out)
-    want = {"train": 10 * (per_class_train or 5000), "val": 10 * (per_class_test or 1000)}
-    try:
-        manifest = load_manifest(out)
-    except Exception:  # no shard folder yet
-        manifest = None
-    if manifest is not None and set(want) <= set(manifest.splits):
-        have = {split: manifest.splits[split].num_samples for split in want}
-        if have != want:
-            raise ValueError(f"{out} holds {have} samples, not the requested {want}: use another --out")
-        return out
-    archive = Path(data_dir) / ARCHIVE
-    if not archive.is_file():
-        raise FileNotFoundError(f"{archive} not found: pass --data-dir (or REAL_DATA_DIR) holding {ARCHIVE}")
-    with tempfile.TemporaryDirectory(prefix="cifar10-") as tmp:
-        extract_subset(archive, Path(tmp), {"train": per_class_train, "test": per_class_test})
-        for folder, split in SPLITS.items():
-            build_shards(
-                Path(tmp) / folder,
-                out,
-                split=split,
-                format="imagefolder",
-                shard_size=5000,
-                seed=0,
-                progress=progress,
-            )
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,14 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     from orchestration.console import quiet_defaults
 
     quiet_defaults()  # before Ray and MLflow are imported: one line per epoch (as orchestration/train.py)
+    from ops.benchmarks.real_data import build_real_shards
     from orchestration.config import ConfigError, load_config
     from orchestration.ensemble import run_training
     from orchestration.train import init_ray
 
     out = Path(args.out).resolve()
     try:
-        shards = build_cifar10_shards(
-            args.data_dir, out / "shards", args.per_class_train, args.per_class_test
+        shards = build_real_shards(
+            "cifar10", args.data_dir, out / "shards", args.per_class_train, args.per_class_test
         )
         cfg = load_config(
             REPO_ROOT / "configs" / "cifar10.yaml",

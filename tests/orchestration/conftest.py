@@ -13,18 +13,20 @@ LEARN_TRAIN_PER_CLASS = 200  # 2000 images: 31 steps/epoch, enough to beat chanc
 
 @pytest.fixture(scope="session")
 def tiny_cifar_shards(real_data_dir, tmp_path_factory):
-    from ops.benchmarks.train_cifar10 import build_cifar10_shards
+    from ops.benchmarks.real_data import build_real_shards
 
     out = tmp_path_factory.mktemp("cifar") / "shards"
-    return build_cifar10_shards(real_data_dir, out, TRAIN_PER_CLASS, TEST_PER_CLASS, progress=False)
+    return build_real_shards("cifar10", real_data_dir, out, TRAIN_PER_CLASS, TEST_PER_CLASS, progress=False)
 
 
 @pytest.fixture(scope="session")
 def small_cifar_shards(real_data_dir, tmp_path_factory):
-    from ops.benchmarks.train_cifar10 import build_cifar10_shards
+    from ops.benchmarks.real_data import build_real_shards
 
     out = tmp_path_factory.mktemp("cifar-small") / "shards"
-    return build_cifar10_shards(real_data_dir, out, LEARN_TRAIN_PER_CLASS, TEST_PER_CLASS, progress=False)
+    return build_real_shards(
+        "cifar10", real_data_dir, out, LEARN_TRAIN_PER_CLASS, TEST_PER_CLASS, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
