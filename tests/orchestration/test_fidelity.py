@@ -235,3 +235,64 @@ def test_decay_and_per_tensor_clipping_leave_plain_gradients():
     clip_gradients(net, 0.1, "per_tensor")
     for p in net.parameters():
         assert p.grad.grad_fn is None and not p.grad.requires_grad
+
+
+def test_paper_recipe_swaps_only_the_optimiser_and_the_schedule_shape():
+    """``recipe_compare``'s ``paper`` recipe is ``configs/imagenet.yaml``'s optimiser and schedule
+    shape on the dataset config; the data, network, EMA and run length stay the dataset's."""
+    from ops.benchmarks.recipe_compare import CONFIGS, paper_overrides
+
+    paper = load_config(REPO / "configs" / "imagenet.yaml")
+    for name in CONFIGS.values():
+        short = load_config(REPO / "configs" / name)
+        swapped = load_config(REPO / "configs" / name, paper_overrides())
+        assert swapped.optim == paper.optim
+        assert (swapped.schedule.decay_rate, swapped.schedule.decay_epochs) == (0.94, 2.0)
+        assert swapped.schedule.warmup_epochs is None
+        assert swapped.schedule.epochs == short.schedule.epochs
+        assert (swapped.data, swapped.model, swapped.ema) == (short.data, short.model, short.ema)
+    short = load_config(REPO / "configs" / "tiny-imagenet.yaml").optim
+    assert (short.lr, short.eps, short.clip_grad_norm) == (0.0002, 0.001, 0.0)
+
+
+@pytest.mark.realdata
+def test_tiny_imagenet_shards_from_the_shared_archive(real_data_dir, tmp_path):
+    """100 classes from ``tiny-imagenet-100/{train,val}/<wnid>/``, subset sizes exact, reused once
+    built, refused at other sizes."""
+    from ops.benchmarks.real_data import build_real_shards
+    from pipeline import load_manifest
+
+    out = build_real_shards("tiny-imagenet", real_data_dir, tmp_path / "s", 2, 1, progress=False)
+    manifest = load_manifest(out)
+    assert {s: manifest.splits[s].num_samples for s in ("train", "val")} == {"train": 200, "val": 100}
+    assert len(manifest.class_names) == 100 and manifest.class_names[0] == "n01443537"
+    assert build_real_shards("tiny-imagenet", real_data_dir, out, 2, 1, progress=False) == out
+    with pytest.raises(ValueError, match="holds"):
+        build_real_shards("tiny-imagenet", real_data_dir, out, 3, 1, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_recipe_compare_benchmark_runs_both_recipes(real_data_dir, tmp_path):
+    """``python -m ops.benchmarks.recipe_compare`` end to end on a Tiny-ImageNet subset, two steps per
+    recipe: one row per recipe with that recipe's optimiser settings."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "ops.benchmarks.recipe_compare", "--data-dir", str(real_data_dir),
+            "--dataset", "tiny-imagenet", "--out", str(tmp_path), "--epochs", "1",
+            "--per-class-train", "2", "--per-class-test", "1", "--json", str(tmp_path / "rows.json"),
+            "debug.max_steps_per_epoch=2", "checkpoint.max_failures=0",
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["recipe"], r["images"], r["epochs"], r["lr"], r["eps"], r["clip"]) for r in rows] == [
+        ("short", 100, 1, 0.0002, 0.001, "0.0 per_tensor"),
+        ("paper", 100, 1, 0.045, 1.0, "2.0 per_tensor"),
+    ]
+    assert "| short |" in out.stdout and "| paper |" in out.stdout
