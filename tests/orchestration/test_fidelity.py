@@ -5,6 +5,7 @@ recipes, and configs/imagenet.yaml training a few steps."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -240,7 +241,7 @@ def test_decay_and_per_tensor_clipping_leave_plain_gradients():
 def test_paper_recipe_swaps_only_the_optimiser_and_the_schedule_shape():
     """``recipe_compare``'s ``paper`` recipe is ``configs/imagenet.yaml``'s optimiser and schedule
     shape on the dataset config; the data, network, EMA and run length stay the dataset's."""
-    from ops.benchmarks.recipe_compare import CONFIGS, paper_overrides
+    from ops.benchmarks.recipe_compare import CONFIGS, RECIPES, paper_overrides
 
     paper = load_config(REPO / "configs" / "imagenet.yaml")
     for name in CONFIGS.values():
@@ -253,6 +254,8 @@ def test_paper_recipe_swaps_only_the_optimiser_and_the_schedule_shape():
         assert (swapped.data, swapped.model, swapped.ema) == (short.data, short.model, short.ema)
     short = load_config(REPO / "configs" / "tiny-imagenet.yaml").optim
     assert (short.lr, short.eps, short.clip_grad_norm) == (0.0002, 0.001, 0.0)
+    clipped = load_config(REPO / "configs" / "tiny-imagenet.yaml", RECIPES["short+clip"]()).optim
+    assert clipped == replace(short, clip_grad_norm=2.0, clip_mode="per_tensor")
 
 
 @pytest.mark.realdata
