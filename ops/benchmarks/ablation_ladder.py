@@ -24,8 +24,6 @@ the one before by exactly what Table 3 adds. Errors are on the 10,000 test image
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -69,10 +67,6 @@ def rung_files(rungs: list[int]) -> list[tuple[int, Path]]:
     if missing:
         raise FileNotFoundError(f"no ladder recipe for rung(s) {missing} in {LADDER}")
     return [(r, files[r]) for r in rungs]
-
-
-def stderr(error: float, n: int) -> float:
-    return 100 * math.sqrt(error * (1 - error) / n) if n else float("nan")
 
 
 def table(rows: list[dict]) -> str:
@@ -119,17 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     from orchestration.console import quiet_defaults
 
     quiet_defaults()  # before Ray and MLflow are imported
-    from ops.benchmarks.real_data import build_real_shards
+    from ops.benchmarks.real_data import build_real_shards, report, train_in_turn
+    from ops.evaluate import binomial_stderr
     from orchestration.config import ConfigError, load_config
-    from orchestration.ensemble import run_training
     from orchestration.train import init_ray
 
     out = Path(args.out).resolve()
     try:
         rungs = rung_files([int(r) for r in args.rungs.split(",") if r.strip()])
         shards = build_real_shards(
-            "cifar10",
-            args.data_dir, out / "shards", args.per_class_train, args.per_class_test
+            "cifar10", args.data_dir, out / "shards", args.per_class_train, args.per_class_test
         )
         configs = []
         for rung, path in rungs:
@@ -159,41 +152,30 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(None, None)
     rows = []
     started = time.perf_counter()
-    for i, (rung, path, cfg) in enumerate(configs):
-        eta = (
-            ""
-            if not rows
-            else f", about {(time.perf_counter() - started) / i * (len(configs) - i) / 60:.0f} min left"
-        )
-        print(f"==> rung {rung} ({path.name}), {i + 1} of {len(configs)}{eta}", flush=True)
-        start = time.perf_counter()
-        m = run_training(cfg, REPO_ROOT).members[0].metrics
+    runs = [(f"rung {rung} ({path.name})", cfg) for rung, path, cfg in configs]
+    for (rung, path, _), (_, _, m, wall_min) in zip(configs, train_in_turn(runs, REPO_ROOT), strict=True):
         n = int(m["val_count"])
         rows.append(
             {
                 "rung": rung,
                 "name": path.stem,
                 "top1_err": 100 * (1 - m["val_top1"]),
-                "top1_se": stderr(1 - m["val_top1"], n),
+                "top1_se": 100 * binomial_stderr(1 - m["val_top1"], n),
                 "top5_err": 100 * (1 - m["val_top5"]),
                 "ema_top1_err": 100 * (1 - m.get("val_ema_top1", float("nan"))),
                 "images": n,
                 "epochs": int(m["epoch"]),
                 "seed": args.seed,
-                "wall_min": (time.perf_counter() - start) / 60,
+                "wall_min": wall_min,
                 "images_per_s": m.get("train_images_per_sec"),
             }
         )
     total_min = (time.perf_counter() - started) / 60
-    print()
-    print(table(rows))
-    print(
-        f"\nCIFAR-10 test split ({rows[0]['images']} images, ± one standard error), "
+    footer = (
+        f"CIFAR-10 test split ({rows[0]['images']} images, ± one standard error), "
         f"{args.epochs} epochs per rung, seed {args.seed}; whole ladder {total_min:.1f} min"
     )
-    print(json.dumps(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    report(rows, table(rows), footer, args.json)
     return 0
 
 

@@ -24,7 +24,6 @@ validation split, with one binomial standard error. Prints the table and one JSO
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -112,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     from orchestration.console import quiet_defaults
 
     quiet_defaults()  # before Ray and MLflow are imported
-    from ops.benchmarks.real_data import build_real_shards
+    from ops.benchmarks.real_data import build_real_shards, report, train_in_turn
     from ops.evaluate import binomial_stderr
     from orchestration.config import ConfigError, load_config
-    from orchestration.ensemble import run_training
     from orchestration.train import init_ray
 
     out = Path(args.out or REPO_ROOT / "runs" / f"recipes-{args.dataset}").resolve()
@@ -145,45 +143,28 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(None, None)
     rows = []
     started = time.perf_counter()
-    for i, (name, cfg) in enumerate(configs):
-        eta = (
-            ""
-            if not rows
-            else f", about {(time.perf_counter() - started) / i * (len(configs) - i) / 60:.0f} min left"
-        )
-        print(f"==> {args.dataset}: recipe {name}, {i + 1} of {len(configs)}{eta}", flush=True)
-        start = time.perf_counter()
-        m = run_training(cfg, REPO_ROOT).members[0].metrics
+    runs = [(f"{args.dataset}: recipe {name}", cfg) for name, cfg in configs]
+    for (name, _), (_, cfg, m, wall_min) in zip(configs, train_in_turn(runs, REPO_ROOT), strict=True):
         n = int(m["val_count"])
         row = {"recipe": name, "dataset": args.dataset, "images": n, "seed": args.seed}
-        for key, metric in (
-            ("top1", "val_top1"),
-            ("top5", "val_top5"),
-            ("ema_top1", "val_ema_top1"),
-            ("ema_top5", "val_ema_top5"),
-        ):
-            row[key] = 100 * m.get(metric, float("nan"))
+        for key in ("top1", "top5", "ema_top1", "ema_top5"):
+            row[key] = 100 * m.get(f"val_{key}", float("nan"))
         row["top1_se"] = 100 * binomial_stderr(row["top1"] / 100, n)
         row["ema_top1_se"] = 100 * binomial_stderr(row["ema_top1"] / 100, n)
         row.update(
             epochs=int(m["epoch"]),
-            wall_min=(time.perf_counter() - start) / 60,
+            wall_min=wall_min,
             images_per_s=m.get("train_images_per_sec", float("nan")),
             lr=cfg.optim.lr,
             eps=cfg.optim.eps,
             clip=f"{cfg.optim.clip_grad_norm} {cfg.optim.clip_mode}",
         )
         rows.append(row)
-    total_min = (time.perf_counter() - started) / 60
-    print()
-    print(table(rows))
-    print(
-        f"\n{args.dataset} validation split ({rows[0]['images']} images, ± one standard error), "
-        f"seed {args.seed}; {total_min:.1f} min in all"
+    footer = (
+        f"{args.dataset} validation split ({rows[0]['images']} images, ± one standard error), "
+        f"seed {args.seed}; {(time.perf_counter() - started) / 60:.1f} min in all"
     )
-    print(json.dumps(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    report(rows, table(rows), footer, args.json)
     return 0
 
 
