@@ -48,7 +48,7 @@ lint: install
 
 # No install step: on a GPU machine the image's CUDA torch is used as it is.
 gpu-check:
-	$(GPU_PYTHON) -m orchestration.gpu_check $(GPU_CHECK_ARGS)
+	$(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 gpu-check-data: install
-	$(BIN)/python -m orchestration.gpu_check --prepare $(REAL_DATA_DIR)/imagenet-sample-images.tar
+	$(BIN)/python -m benchmarks.gpu_check --prepare $(REAL_DATA_DIR)/imagenet-sample-images.tar

@@ -43,6 +43,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from pipeline.multicrop import SUPPORTED_CROPS
+
 CONFIG_ARTIFACT = "ensemble_config"
 IMAGE_COLUMN = "image"
 DEFAULT_TOP_K = 5  # the paper reports top-1 and top-5; top-5 is what serving returns by default
@@ -227,7 +229,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             crops = int(crops)
         except (TypeError, ValueError):
             raise EnsembleInputError("params.crops must be 1, 10 or 144") from None
-        if crops not in (1, 10, 144):
+        if crops not in SUPPORTED_CROPS:
             raise EnsembleInputError(
                 f"params.crops must be 1, 10 or 144 (0: the version's {self.crops}), got {crops}"
             )

@@ -1,25 +1,19 @@
 """Multi-crop evaluation of 1..N ensemble members, as in the paper's Tables 4-5.
 
-Run::
-
-    python -m ops.evaluate --model models:/inception@champion --shards DIR --crops 1,10,144 --members 1..4
-    inception-evaluate --model runs/a/checkpoint runs/b/checkpoint --shards DIR --split val --crops 1,10
+Library module; its command line is ``ops.evaluate_cli`` (``inception-evaluate``), and
+``ops.registry`` evaluates a version's members through ``evaluate_multicrop``.
 
 For every crop setting the eval split is read once (``pipeline.make_multicrop_loader``: DALI, GPU
 "mixed" decoding where CUDA is present, CPU otherwise); every member runs on every crop, its
 softmax is averaged over an image's crops, and the first k members' averages give the ensemble of
-size k, so one pass fills a whole column of the table. Prints top-1/top-5 error per (members x
-crops) cell and, with ``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``), logs them to MLflow as
-metrics ``top1_error_m{k}_c{crops}``, a markdown table and a PNG plot (error vs crops, one line per
-ensemble size). ``evaluate_multicrop`` is the Python API used by the registry.
+size k, so one pass fills a whole column of the table: top-1/top-5 error per (members x crops)
+cell. ``log_table`` logs it to MLflow as metrics ``top1_error_m{k}_c{crops}``, a markdown table and
+a PNG plot (error vs crops, one line per ensemble size).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from ops.tracking import using_tracking_uri
+from pipeline.multicrop import SUPPORTED_CROPS
 from pipeline.progress import progress as progress_bar
 
-PAPER_CROPS = (1, 10, 144)  # paper §8 / Tables 4-5: single crop, 10 crops, 144 crops
 # Crops per forward pass. Inception-v3's largest activation at 299 px is 64 x 147 x 147 float32 =
 # 5.5 MB per crop, so 1024 crops (7 images at 144 crops) need ~6 GB per such tensor: fine on a GPU;
-# on a CPU machine (DESIGN.md: 24 GiB shared) 256 crops keep the peak near 1.5 GB. Activations scale
+# on a CPU machine (24 GiB shared by every process) 256 crops keep the peak near 1.5 GB. Activations scale
 # with the crop's area, so smaller inputs (the 75 px demo) get proportionally more crops per pass.
 MAX_CROPS_PER_BATCH = {"cuda": 1024, "cpu": 256}
 REFERENCE_SIZE = 299
@@ -206,7 +201,7 @@ def evaluate_multicrop(
     *,
     data,
     split: str = "val",
-    crops: Sequence[int] = PAPER_CROPS,
+    crops: Sequence[int] = SUPPORTED_CROPS,
     member_counts: Sequence[int] | None = None,
     batch_size: int = 32,
     backend: str = "dali",
@@ -225,17 +220,15 @@ def evaluate_multicrop(
     "bf16" / "off" force it. ``max_images`` ({crops: n}) evaluates those crop settings on the first
     n images of the split only (the same images for every setting: the read order is fixed).
     """
-    from pipeline import make_multicrop_loader
-
     if not members:
         raise ValueError("evaluate_multicrop needs at least one member")
     member_counts = tuple(member_counts or range(1, len(members) + 1))
     bad = [k for k in member_counts if not 1 <= k <= len(members)]
     if bad:
         raise ValueError(f"member counts {bad} are outside 1..{len(members)} (the number of members given)")
-    bad = [c for c in crops if c not in PAPER_CROPS]
+    bad = [c for c in crops if c not in SUPPORTED_CROPS]
     if bad:
-        raise ValueError(f"crops {bad} are not supported: use {', '.join(map(str, PAPER_CROPS))}")
+        raise ValueError(f"crops {bad} are not supported: use {', '.join(map(str, SUPPORTED_CROPS))}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_flush_denormal(True)  # subnormals slow CPU convolutions ~15x (see ops.ensemble_model)
     if amp not in ("auto", "bf16", "off"):
@@ -248,32 +241,22 @@ def evaluate_multicrop(
     top1, top5, hits, samples, seconds, full, labels_seen = {}, {}, {}, {}, {}, None, None
     for c in crops:
         started = time.monotonic()
-        cfg = _data_config(data, shards, 1, backend)
-        images_per_batch = max(1, min(batch_size, crops_per_batch(device.type, cfg.image_size) // c))
-        cfg = _data_config(data, shards, images_per_batch, backend)
-        loader = make_multicrop_loader(cfg, split, c, 0, 1, device)
         limit = limits.get(c)
-        h1 = {k: [] for k in member_counts}
-        h5 = {k: [] for k in member_counts}
-        labels_c, seen = [], 0
-        total = len(loader) if limit is None else min(len(loader), -(-limit // images_per_batch))
-        for images, labels in progress_bar(
-            loader, total=total, desc=f"{c} crop(s)", unit="batch", disable=not progress
-        ):
-            if limit is not None:  # the first `limit` images of the read order
-                keep = min(labels.shape[0], limit - seen)
-                images, labels = images[: keep * c], labels[:keep]
-            probs = _member_crop_probabilities(members, images.to(device, torch.float32), c, amp_dtype)
-            for k, (b1, b5) in image_hits(probs, labels, member_counts).items():
-                h1[k].append(b1)
-                h5[k].append(b5)
-            labels_c.append(labels.cpu().long())
-            seen += labels.shape[0]
-            if limit is not None and seen >= limit:
-                break
-        if seen == 0:
-            raise ValueError(f"split {split!r} of {shards} yielded no images")
-        labels_c = torch.cat(labels_c)
+        h1, h5, labels_c = _crop_pass(
+            members,
+            shards,
+            data,
+            split,
+            c,
+            member_counts,
+            batch_size,
+            backend,
+            device,
+            amp_dtype,
+            limit,
+            progress,
+        )
+        seen = len(labels_c)
         if limit is None:
             if full is not None and seen != full:
                 raise RuntimeError(f"{c} crops saw {seen} images but an earlier pass saw {full}")
@@ -288,13 +271,51 @@ def evaluate_multicrop(
         if labels_seen is None or seen > len(labels_seen):
             labels_seen = labels_c
         for k in member_counts:
-            hits[(k, c)] = torch.cat(h1[k])
-            top1[(k, c)] = 1 - float(hits[(k, c)].double().mean())
-            top5[(k, c)] = 1 - float(torch.cat(h5[k]).double().mean())
+            hits[(k, c)] = h1[k]
+            top1[(k, c)] = 1 - float(h1[k].double().mean())
+            top5[(k, c)] = 1 - float(h5[k].double().mean())
         seconds[c] = time.monotonic() - started
     num_samples = full if full is not None else max(samples.values())
     samples = {c: n for c, n in samples.items() if n != num_samples}
     return EvalTable(tuple(member_counts), tuple(crops), top1, top5, num_samples, samples, hits, seconds)
+
+
+def _crop_pass(
+    members, shards, data, split, c, member_counts, batch_size, backend, device, amp_dtype, limit, progress
+):
+    """One read of ``split`` at ``c`` crops (its first ``limit`` images when given): per ensemble size
+    k, each image's top-1 and top-5 hits in read order, and the labels read."""
+    from pipeline import make_multicrop_loader
+
+    cfg = _data_config(data, shards, 1, backend)
+    images_per_batch = max(1, min(batch_size, crops_per_batch(device.type, cfg.image_size) // c))
+    cfg = _data_config(data, shards, images_per_batch, backend)
+    loader = make_multicrop_loader(cfg, split, c, 0, 1, device)
+    h1 = {k: [] for k in member_counts}
+    h5 = {k: [] for k in member_counts}
+    labels_c, seen = [], 0
+    total = len(loader) if limit is None else min(len(loader), -(-limit // images_per_batch))
+    for images, labels in progress_bar(
+        loader, total=total, desc=f"{c} crop(s)", unit="batch", disable=not progress
+    ):
+        if limit is not None:  # the first `limit` images of the read order
+            keep = min(labels.shape[0], limit - seen)
+            images, labels = images[: keep * c], labels[:keep]
+        probs = _member_crop_probabilities(members, images.to(device, torch.float32), c, amp_dtype)
+        for k, (b1, b5) in image_hits(probs, labels, member_counts).items():
+            h1[k].append(b1)
+            h5[k].append(b5)
+        labels_c.append(labels.cpu().long())
+        seen += labels.shape[0]
+        if limit is not None and seen >= limit:
+            break
+    if seen == 0:
+        raise ValueError(f"split {split!r} of {shards} yielded no images")
+    return (
+        {k: torch.cat(v) for k, v in h1.items()},
+        {k: torch.cat(v) for k, v in h5.items()},
+        torch.cat(labels_c),
+    )
 
 
 def plot_table(table: EvalTable, path: str | Path) -> Path:
@@ -343,7 +364,6 @@ def log_table(
     """Log the table to MLflow (metrics, markdown, PNG); returns the run id."""
     import mlflow
 
-    from ops.registry import using_tracking_uri
     from pipeline.schema import manifest_sha256
 
     with using_tracking_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp:
@@ -366,142 +386,3 @@ def log_table(
             mlflow.log_artifact(str(md))
             mlflow.log_artifact(str(plot_table(table, Path(tmp) / "multicrop_error.png")))
         return run.info.run_id
-
-
-def load_members(model: Sequence[str], tracking_uri: str | None = None):
-    """``[models:/NAME@alias]`` or checkpoint dirs -> (members, class names, preprocessing dict)."""
-    from ops.checkpoint import load_checkpoint, model_from_checkpoint
-
-    if len(model) == 1 and model[0].startswith("models:/"):
-        from ops.registry import load_ensemble
-
-        ens = load_ensemble(model[0], tracking_uri=tracking_uri)
-        d = ens.data_config
-        return (
-            ens.members,
-            ens.class_names,
-            {"image_size": d.image_size, "val_resize": d.val_resize, "normalization": d.normalization},
-        )
-    members, names, data = [], None, None
-    for path in model:
-        payload = load_checkpoint(path)
-        members.append(model_from_checkpoint(payload, weights="ema"))
-        this = {k: payload["config"]["data"][k] for k in ("image_size", "val_resize", "normalization")}
-        if names is not None and (list(payload["class_names"]) != names or this != data):
-            raise ValueError(f"{path}: class names or preprocessing differ from {model[0]}'s")
-        names, data = list(payload["class_names"]), this
-    return members, names, data
-
-
-def parse_members(text: str) -> list[int]:
-    """ "1..4" -> [1, 2, 3, 4]; "1,2,4" -> [1, 2, 4]."""
-    try:
-        if ".." in text:
-            lo, hi = (int(x) for x in text.split(".."))
-            return list(range(lo, hi + 1))
-        return [int(x) for x in text.split(",")]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--members {text!r}: use a range 1..N or a list 1,2,4") from exc
-
-
-def parse_crops(text: str) -> list[int]:
-    try:
-        crops = [int(x) for x in text.split(",")]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--crops {text!r}: use a list such as 1,10,144") from exc
-    if any(c not in PAPER_CROPS for c in crops):
-        raise argparse.ArgumentTypeError(f"--crops {text!r}: each must be one of 1, 10, 144")
-    return crops
-
-
-def parse_subset(text: str) -> tuple[int, int]:
-    """ "144=200" -> (144, 200): evaluate 144 crops on the first 200 images only."""
-    try:
-        crops, n = (int(x) for x in text.split("="))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--subset {text!r}: use CROPS=IMAGES, e.g. 144=200") from exc
-    if crops not in PAPER_CROPS or n < 1:
-        raise argparse.ArgumentTypeError(f"--subset {text!r}: crops must be 1, 10 or 144 and images >= 1")
-    return crops, n
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="inception-evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--model",
-        nargs="+",
-        required=True,
-        help="models:/NAME@alias (or models:/NAME/VERSION), or one or more checkpoint directories",
-    )
-    p.add_argument("--shards", required=True, help="shard folder made by build-shards")
-    p.add_argument("--split", default="val")
-    p.add_argument("--crops", type=parse_crops, default=list(PAPER_CROPS), help="comma list of 1, 10, 144")
-    p.add_argument(
-        "--members", type=parse_members, default=None, help="ensemble sizes: 1..N (default) or 1,2,4"
-    )
-    p.add_argument(
-        "--backend", choices=("dali", "torch"), default="dali", help="loader backend (default dali)"
-    )
-    p.add_argument(
-        "--subset",
-        type=parse_subset,
-        action="append",
-        default=[],
-        metavar="CROPS=IMAGES",
-        help="evaluate that crop setting on the first IMAGES images of the split only (the same images "
-        "for every setting), e.g. --subset 144=200; repeatable",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (fewer when crops are many)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    p.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI"),
-        help="MLflow tracking URI to log the table to (default: $MLFLOW_TRACKING_URI; none: no logging)",
-    )
-    p.add_argument("--experiment", default="inception-evaluate")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    from ops.tracking import quiet_mlflow_console
-    from pipeline.schema import ShardFormatError, load_manifest
-
-    quiet_mlflow_console()  # no download bar per registry artifact
-
-    try:
-        shard_names = load_manifest(args.shards).class_names
-        members, names, data = load_members(args.model, args.tracking_uri)
-        if shard_names != names:
-            raise ValueError(
-                f"{args.shards}: its {len(shard_names)} classes differ from the model's {len(names)}"
-            )
-        table = evaluate_multicrop(
-            members,
-            args.shards,
-            data=data,
-            split=args.split,
-            crops=args.crops,
-            member_counts=args.members,
-            batch_size=args.batch_size,
-            backend=args.backend,
-            device=args.device,
-            progress=not args.no_progress,
-            max_images=dict(args.subset),
-        )
-    except (ValueError, RuntimeError, ShardFormatError, OSError) as exc:
-        print(f"inception-evaluate: error: {exc}", file=sys.stderr)
-        return 1
-    print(table.to_markdown())
-    if args.tracking_uri:
-        run_id = log_table(
-            table,
-            tracking_uri=args.tracking_uri,
-            model=" ".join(args.model),
-            shards=args.shards,
-            split=args.split,
-            experiment=args.experiment,
-        )
-        print(f"logged to {args.tracking_uri} run {run_id}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,6 @@ console script (``ops.registry_cli``), and by the end of an ensemble training jo
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import re
@@ -34,6 +33,9 @@ from mlflow.types.schema import Array
 
 from ops.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ops.ensemble_model import CONFIG_ARTIFACT, DEFAULT_TOP_K, IMAGE_COLUMN, EnsembleModel, member_artifact
+from ops.evaluate import evaluate_multicrop
+from ops.tracking import using_tracking_uri
+from pipeline.multicrop import SUPPORTED_CROPS
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 DEFAULT_EXPERIMENT = "inception-registry"
@@ -71,20 +73,6 @@ class PromotionDecision:
     name: str
     version: str
     previous_champion: str | None  # version that held "champion" before the call
-
-
-@contextlib.contextmanager
-def using_tracking_uri(uri: str | None):
-    """Point MLflow's fluent API at ``uri`` for a block, then restore the caller's setting."""
-    if not uri:
-        yield
-        return
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 # ---- sources -----------------------------------------------------------------------------------
@@ -201,7 +189,7 @@ def build_ensemble_config(payloads: list[dict], crops: int, sources: list[str], 
         other = {k: p["config"]["data"][k] for k in data}
         if other != data:
             raise RegistryError(f"{src}: preprocessing {other} differs from {sources[0]}'s {data}")
-    if crops not in (1, 10, 144):
+    if crops not in SUPPORTED_CROPS:
         raise RegistryError(f"crops must be 1, 10 or 144 (the paper's settings), got {crops}")
     return {
         "version": ENSEMBLE_CONFIG_VERSION,
@@ -309,7 +297,6 @@ def check_user_tags(tags: dict) -> None:
 
 def _evaluate_for_registry(config: dict, artifacts: dict, shards: str, split: str, batch_size: int) -> dict:
     """Evaluate all members with the configured crops on ``shards``: the version's figures as tags."""
-    from ops.evaluate import evaluate_multicrop
     from pipeline.schema import load_manifest, manifest_sha256
 
     manifest_names = load_manifest(shards).class_names

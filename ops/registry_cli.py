@@ -18,6 +18,8 @@ import argparse
 import os
 import sys
 
+from pipeline.multicrop import SUPPORTED_CROPS
+
 NOT_PROMOTED_EXIT = 3
 
 
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("register", help="log checkpoints/runs as one ensemble version (alias candidate)")
     r.add_argument("sources", nargs="+", help="checkpoint directories, runs:/<run_id>[/path] or run ids")
     r.add_argument("--name", required=True, help="registered model name")
-    r.add_argument("--crops", type=int, default=1, choices=(1, 10, 144), help="crops per image in predict")
+    r.add_argument("--crops", type=int, default=1, choices=SUPPORTED_CROPS, help="crops per image in predict")
     r.add_argument("--eval-shards", default=None, help="shard folder to evaluate on before registering")
     r.add_argument("--eval-split", default="val")
     r.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="extra version tag")

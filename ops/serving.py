@@ -1,5 +1,5 @@
 """Serve a registered ensemble with ``mlflow models serve`` on 127.0.0.1, for as long as a ``with``
-block runs: what the serving tests and ``ops.benchmarks.bench_serving`` use.
+block runs: what the serving tests and ``benchmarks.bench_serving`` use.
 
     with served("models:/inception@champion", tracking_uri, log_path="serve.log") as url:
         requests.post(f"{url}/invocations", json={...})

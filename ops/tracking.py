@@ -1,6 +1,7 @@
 """MLflow tracking for training runs: run creation (driver), rank-0 logging that never stops training.
 
-Used by ``orchestration.trainer`` / ``orchestration.ensemble``; not a CLI. The driver creates the runs
+Used by ``orchestration.worker`` / ``orchestration.ensemble`` (and its URI helpers by ``ops.registry``
+and ``ops.evaluate``); not a CLI. The driver creates the runs
 (one per ensemble member, nested under a parent run when there are several) and hands their ids to
 the Ray workers; only rank 0 of each member logs into its run through a ``RunTracker``. A tracker
 whose server cannot be reached warns once and turns itself off: training keeps going.
@@ -14,6 +15,7 @@ they survive ``ray job submit``'s temporary working dir).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import subprocess
 import time
@@ -50,6 +52,22 @@ def resolve_tracking_uri(configured: str, storage_path: str) -> str:
     if env:
         return env
     return f"sqlite:///{Path(storage_path).resolve() / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str | None):
+    """Point MLflow's fluent API at ``uri`` for a block, then restore the caller's setting."""
+    if not uri:
+        yield
+        return
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def _limit_http_retries() -> None:

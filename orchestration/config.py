@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import DataConfig
+from pipeline.multicrop import SUPPORTED_CROPS
 
 
 class ConfigError(ValueError):
@@ -211,7 +212,7 @@ class EnsembleConfig:
             {
                 "members": self.members >= 1,
                 "concurrent": self.concurrent in ("auto", "on", "off"),
-                "eval_crops": self.eval_crops in (1, 10, 144),
+                "eval_crops": self.eval_crops in SUPPORTED_CROPS,
             },
         )
 

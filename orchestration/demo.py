@@ -228,7 +228,8 @@ def newest_version(mlflow_url: str, name: str):
 
 def evaluate(model_uri: str, shards: Path, mlflow_url: str, crops: list[int], subsets: dict[int, int]):
     """The multi-crop table of the registered version (printed and logged to MLflow)."""
-    from ops.evaluate import evaluate_multicrop, load_members, log_table
+    from ops.evaluate import evaluate_multicrop, log_table
+    from ops.evaluate_cli import load_members
 
     members, _, data = load_members([model_uri], mlflow_url)
     table = evaluate_multicrop(members, str(shards), data=data, split="val", crops=crops, max_images=subsets)
@@ -256,7 +257,7 @@ def time_table(stages: dict[str, float], estimates: dict[str, float]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from ops.evaluate import parse_crops, parse_subset
+    from ops.evaluate_cli import parse_crops, parse_subset
 
     p = argparse.ArgumentParser(
         prog="python -m orchestration.demo",
@@ -296,7 +297,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_defaults()  # before Ray and MLflow are imported here
     from ops import cluster
     from orchestration.config import ConfigError, load_config
-    from orchestration.ensemble import timings_file
 
     workdir = (REPO_ROOT / args.workdir).resolve()  # an absolute --workdir stays as it is
     # A fresh run name per invocation: a rerun trains new members and registers a new version (the
@@ -313,69 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
-    subsets = dict(args.subset)
-    shards, state_dir = Path(cfg.data.shards), workdir / "cluster"
-    start, total = time.monotonic(), 6
-    stages: dict[str, float] = {}
-    state = None
+    state_dir = workdir / "cluster"
+    servers: dict = {}  # the cluster's state once it is up: stopped below whatever happens
     try:
-        t = time.monotonic()
-        step(1, total, "calibration: this machine's speed and the time the demo will take")
-        step_s = calibrate(cfg)
-        stages["calibration"] = time.monotonic() - t
-        speed = step_s / REFERENCE["calibration_step_s"]
-        estimates = estimate_stages(cfg, args.crops, subsets, 1000, speed)
-        print(
-            f"    one training step: {1000 * step_s:.0f} ms ({1 / speed:.2f}x the speed of the machine the "
-            f"demo was sized on)\n    estimated total: {format_duration(sum(estimates.values()))}; "
-            f"{cfg.ensemble.members} member(s) x {cfg.schedule.epochs} epochs, crops "
-            f"{','.join(map(str, args.crops))}",
-            flush=True,
-        )
-
-        t = time.monotonic()
-        step(2, total, f"build-shards: {DATA.relative_to(REPO_ROOT)} -> {shards}")
-        build_demo_shards(shards)
-        stages["build-shards"] = time.monotonic() - t
-
-        t = time.monotonic()
-        step(3, total, "local Ray head + MLflow server on 127.0.0.1")
-        state = cluster.up(state_dir)
-        dashboard, mlflow_url = state["ray"]["dashboard_url"], state["mlflow"]["url"]
-        print(f"    Ray dashboard {dashboard}   MLflow UI {mlflow_url}  (follow the run there)")
-        stages["servers"] = time.monotonic() - t
-
-        members, workers = cfg.ensemble.members, cfg.scaling.num_workers
-        t = time.monotonic()
-        step(4, total, f"Ray job: {members} member(s) x {workers} Ray Train worker(s), then registration")
-        run_training_job(dashboard, mlflow_url, overrides)
-        job_s = time.monotonic() - t
-        job_stages = json.loads(timings_file(cfg).read_text())
-        stages["job start"] = max(0.0, job_s - sum(job_stages.values()))
-        stages.update(job_stages)
-
-        version, champion = newest_version(mlflow_url, cfg.ensemble.model_name)
-        model_uri = f"models:/{cfg.ensemble.model_name}/{version}"
-        crops_text = ", ".join(
-            f"{c}" + (f" (first {subsets[c]} images)" if c in subsets else "") for c in args.crops
-        )
-        step(5, total, f"multi-crop evaluation of {model_uri}: crops {crops_text}")
-        table = evaluate(model_uri, shards, mlflow_url, args.crops, subsets)
-        for c, seconds in table.seconds.items():
-            stages[f"evaluation {c} crop{'s' if c > 1 else ''}"] = seconds
-
-        step(6, total, "time per stage, and where to look")
-        print(time_table(stages, estimates))
-        wall = format_duration(time.monotonic() - start)
-        print(f"    (calibration step {1000 * step_s:.0f} ms; wall time {wall})")
-        print(
-            f"\n    registered model  {model_uri}  (champion: version {champion or '-'}: "
-            f"models:/{cfg.ensemble.model_name}@champion)"
-        )
-        print(f"    MLflow UI         {mlflow_url}")
-        print(f"    Ray dashboard     {dashboard}")
-        print(f"    shards            {shards}")
-        print(f"    checkpoints       {workdir}")
+        run_stages(cfg, args, overrides, workdir, state_dir, servers)
     except KeyboardInterrupt:
         print("\ndemo: interrupted", file=sys.stderr)
         return 130
@@ -383,12 +324,81 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1
     finally:
-        if state is not None and not args.keep_running:
+        if servers and not args.keep_running:
             stopped = cluster.down(state_dir)
             print(f"    stopped {', '.join(stopped) or 'nothing'} (use --keep-running to leave them up)")
-        elif state is not None:
+        elif servers:
             print(f"    still running; stop with: python -m ops.cluster down --state-dir {state_dir}")
     return 0
+
+
+def run_stages(cfg, args, overrides: list[str], workdir: Path, state_dir: Path, servers: dict) -> None:
+    """The six stages, each announced and timed against its estimate; ``servers`` receives the
+    cluster's state as soon as it is up, so that the caller stops it whatever happens next."""
+    from ops import cluster
+    from orchestration.ensemble import timings_file
+
+    subsets = dict(args.subset)
+    shards, total = Path(cfg.data.shards), 6
+    start = time.monotonic()
+    stages: dict[str, float] = {}
+    t = time.monotonic()
+    step(1, total, "calibration: this machine's speed and the time the demo will take")
+    step_s = calibrate(cfg)
+    stages["calibration"] = time.monotonic() - t
+    speed = step_s / REFERENCE["calibration_step_s"]
+    estimates = estimate_stages(cfg, args.crops, subsets, 1000, speed)
+    print(
+        f"    one training step: {1000 * step_s:.0f} ms ({1 / speed:.2f}x the speed of the machine the "
+        f"demo was sized on)\n    estimated total: {format_duration(sum(estimates.values()))}; "
+        f"{cfg.ensemble.members} member(s) x {cfg.schedule.epochs} epochs, crops "
+        f"{','.join(map(str, args.crops))}",
+        flush=True,
+    )
+
+    t = time.monotonic()
+    step(2, total, f"build-shards: {DATA.relative_to(REPO_ROOT)} -> {shards}")
+    build_demo_shards(shards)
+    stages["build-shards"] = time.monotonic() - t
+
+    t = time.monotonic()
+    step(3, total, "local Ray head + MLflow server on 127.0.0.1")
+    servers.update(cluster.up(state_dir))
+    dashboard, mlflow_url = servers["ray"]["dashboard_url"], servers["mlflow"]["url"]
+    print(f"    Ray dashboard {dashboard}   MLflow UI {mlflow_url}  (follow the run there)")
+    stages["servers"] = time.monotonic() - t
+
+    members, workers = cfg.ensemble.members, cfg.scaling.num_workers
+    t = time.monotonic()
+    step(4, total, f"Ray job: {members} member(s) x {workers} Ray Train worker(s), then registration")
+    run_training_job(dashboard, mlflow_url, overrides)
+    job_s = time.monotonic() - t
+    job_stages = json.loads(timings_file(cfg).read_text())
+    stages["job start"] = max(0.0, job_s - sum(job_stages.values()))
+    stages.update(job_stages)
+
+    version, champion = newest_version(mlflow_url, cfg.ensemble.model_name)
+    model_uri = f"models:/{cfg.ensemble.model_name}/{version}"
+    crops_text = ", ".join(
+        f"{c}" + (f" (first {subsets[c]} images)" if c in subsets else "") for c in args.crops
+    )
+    step(5, total, f"multi-crop evaluation of {model_uri}: crops {crops_text}")
+    table = evaluate(model_uri, shards, mlflow_url, args.crops, subsets)
+    for c, seconds in table.seconds.items():
+        stages[f"evaluation {c} crop{'s' if c > 1 else ''}"] = seconds
+
+    step(6, total, "time per stage, and where to look")
+    print(time_table(stages, estimates))
+    wall = format_duration(time.monotonic() - start)
+    print(f"    (calibration step {1000 * step_s:.0f} ms; wall time {wall})")
+    print(
+        f"\n    registered model  {model_uri}  (champion: version {champion or '-'}: "
+        f"models:/{cfg.ensemble.model_name}@champion)"
+    )
+    print(f"    MLflow UI         {mlflow_url}")
+    print(f"    Ray dashboard     {dashboard}")
+    print(f"    shards            {shards}")
+    print(f"    checkpoints       {workdir}")
 
 
 if __name__ == "__main__":

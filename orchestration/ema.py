@@ -1,6 +1,6 @@
 """Exponential moving average of the weights: what gets evaluated and exported (paper §8).
 
-Imported by ``orchestration.trainer``; tested against hand values in ``tests/orchestration/test_ema.py``.
+Imported by ``orchestration.state``; tested against hand values in ``tests/orchestration/test_losses_ema.py``.
 
 Like TF's ``tf.train.ExponentialMovingAverage(decay, num_updates)`` as TF-slim used it, the average
 covers every floating-point entry of the state dict (parameters and batch-norm moving statistics;

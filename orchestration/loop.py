@@ -1,7 +1,7 @@
 """One training epoch and one evaluation pass, with the metrics a data-pipeline-first system owes:
 global images/s, fraction of step time spent waiting for the loader, step time, lr, loss, peak memory.
 
-Called by ``orchestration.trainer`` inside each Ray Train worker; plain PyTorch (works without Ray,
+Called by ``orchestration.worker`` inside each Ray Train worker; plain PyTorch (works without Ray,
 e.g. in tests: with no process group, world size is 1). Reductions across ranks use
 ``torch.distributed`` when it is initialised.
 """

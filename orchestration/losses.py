@@ -1,6 +1,6 @@
 """Label-smoothing cross-entropy (paper §7) and the main + auxiliary loss of the training step.
 
-Imported by ``orchestration.loop``; tested against hand values in ``tests/orchestration/test_losses.py``.
+Imported by ``orchestration.loop``; tested against hand values in ``tests/orchestration/test_losses_ema.py``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """RMSProp in the TensorFlow form the paper trained with, and the optimizer factory of the loop.
 
-Imported by ``orchestration.loop`` / ``orchestration.trainer``; tested against hand-computed steps
+Imported by ``orchestration.loop`` / ``orchestration.state``; tested against hand-computed steps
 in ``tests/orchestration/test_optim.py``.
 
 TensorFlow's ``tf.train.RMSPropOptimizer`` (used by the paper via TF-slim) updates, per parameter::

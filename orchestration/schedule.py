@@ -1,6 +1,6 @@
 """Learning-rate schedule of the paper, scaled to the global batch, with linear warm-up.
 
-Used by ``orchestration.trainer`` (one ``LrSchedule`` per run, stepped after every optimizer step,
+Used by ``orchestration.state`` (one ``LrSchedule`` per run, stepped after every optimizer step,
 saved in every checkpoint). Tested against hand values in ``tests/orchestration/test_schedule.py``.
 
 - Paper §8: lr 0.045, decayed every two epochs with an exponential rate of 0.94. TF-slim applies it as

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ops.checkpoint import CheckpointError
     from orchestration.ensemble import run_training
-    from orchestration.trainer import DataCheckError
+    from orchestration.resume import DataCheckError
     from pipeline import ShardFormatError
 
     try:

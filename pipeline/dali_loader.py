@@ -9,7 +9,7 @@ Library module, no CLI. Imports DALI at import time (``pipeline.loader`` imports
   windows and the mirror flags come with each batch), so a pass resets it instead of rebuilding it,
   and "mixed" decoding sizes nvJPEG's buffers once per run. A pass abandoned half-way (smoke runs)
   leaves batches in flight, so the next pass builds afresh.
-- Training: per sample, the JPEG's frame header gives its size (no decode), ``pipeline.order.crop_params``
+- Training: per sample, the JPEG's frame header gives its size (no decode), ``pipeline.augment.crop_params``
   the window and the mirror of its position; DALI decodes only the window (``decoders.image_slice``,
   the ROI decoding that ``image_random_crop`` does), resizes, mirrors and normalises.
 - Batches are ``[B, 3, S, S]``; with layout NHWC (the default on CUDA) DALI writes HWC and the batch
@@ -39,8 +39,10 @@ from pipeline.dali_pipelines import (
     multicrop_pipeline,
     train_pipeline,
 )
+from pipeline.jpeg import jpeg_size
 from pipeline.multicrop import crop_plan, unmirrored
-from pipeline.order import Batch, CorruptSampleError, OrderedLoader, jpeg_size
+from pipeline.order import Batch, OrderedLoader
+from pipeline.samples import CorruptSampleError
 
 PIPELINES = {"train": train_pipeline, "eval": eval_pipeline, "multicrop": multicrop_pipeline}
 

@@ -4,7 +4,7 @@ reads by offset from memory-mapped tars in the order of ``pipeline.order`` (and,
 sample's crop window and mirror flag, which are functions of its position in that order).
 
 Library module, no CLI (``pipeline.dali_loader`` builds and iterates these; the benchmark
-``python -m ops.benchmarks.bench_loader`` times them). Imports DALI at import time.
+``python -m benchmarks.bench_loader`` times them). Imports DALI at import time.
 
 Device placement: ``decoder_device="mixed"`` decodes with nvJPEG (and the hardware JPEG decoder
 where the GPU has one, ``hw_decoder_load``) and runs the rest on the GPU; ``"cpu"`` runs every
@@ -49,7 +49,9 @@ class PipelineSpec:
     preallocate: bool = True  # "mixed": pre-size decoder buffers (DataConfig.dali_preallocate)
 
 
-def _decoder_args(spec: PipelineSpec) -> dict:
+def decoder_args(spec: PipelineSpec) -> dict:
+    """Keyword arguments of every DALI image decoder of ``spec``: the hardware-decoder share and the
+    pre-sized nvJPEG buffers on "mixed", nothing on the CPU."""
     extra = {}
     if spec.decoder_device == "mixed":
         extra["hw_decoder_load"] = HW_DECODER_LOAD
@@ -64,7 +66,7 @@ def _decoder_args(spec: PipelineSpec) -> dict:
 
 
 def train_images(jpegs, anchor, shape, mirror, spec: PipelineSpec, brightness=None, saturation=None):
-    """The training transform with its random parameters given per sample (``pipeline.order.crop_params``):
+    """The training transform with its random parameters given per sample (``pipeline.augment.crop_params``):
     decode only the crop window (ROI decode, as ``image_random_crop`` does), resize it to S x S,
     mirror, normalise."""
     images = fn.decoders.image_slice(
@@ -76,21 +78,23 @@ def train_images(jpegs, anchor, shape, mirror, spec: PipelineSpec, brightness=No
         axis_names="WH",
         normalized_anchor=False,
         normalized_shape=False,
-        **_decoder_args(spec),
+        **decoder_args(spec),
     )
     s = spec.image_size
     images = fn.resize(images, size=(s, s))
     if brightness is not None:  # TF-slim's fast-mode distort_color: brightness, then saturation
         images = fn.brightness_contrast(images, brightness_shift=brightness)
         images = fn.hsv(images, saturation=saturation)
-    return _normalize(images, spec, mirror=mirror)
+    return normalize(images, spec, mirror=mirror)
 
 
 def _decode(jpegs, spec: PipelineSpec):
-    return fn.decoders.image(jpegs, device=spec.decoder_device, output_type=types.RGB, **_decoder_args(spec))
+    return fn.decoders.image(jpegs, device=spec.decoder_device, output_type=types.RGB, **decoder_args(spec))
 
 
-def _normalize(images, spec: PipelineSpec, mirror=None, sequence: bool = False):
+def normalize(images, spec: PipelineSpec, mirror=None, sequence: bool = False):
+    """Mirror (per sample, when given), subtract the mean, divide by the std, write ``spec.layout``
+    (``sequence``: a stack of crops, with a leading ``F`` axis) in float32 or float16."""
     layout = "CHW" if spec.layout == "NCHW" else "HWC"
     return fn.crop_mirror_normalize(
         images,
@@ -121,7 +125,7 @@ def eval_images(jpegs, spec: PipelineSpec, mode: str):
     images = _decode(jpegs, spec)
     if mode == "eval":
         images = fn.resize(images, resize_shorter=spec.val_resize)
-        return _normalize(fn.crop(images, crop=(s, s)), spec)
+        return normalize(fn.crop(images, crop=(s, s)), spec)
     by_scale = {}
     crops = []
     for window in spec.windows:
@@ -133,7 +137,7 @@ def eval_images(jpegs, spec: PipelineSpec, mode: str):
         if len(crops) > 1
         else fn.expand_dims(crops[0], axes=[0], new_axis_names="F")
     )
-    return _normalize(stacked, spec, sequence=True)
+    return normalize(stacked, spec, sequence=True)
 
 
 @pipeline_def

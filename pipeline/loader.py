@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.multicrop import SUPPORTED_CROPS
-from pipeline.order import CorruptSampleError, Quarantine
+from pipeline.samples import CorruptSampleError, Quarantine
 
 __all__ = ["CorruptSampleError", "Loader", "make_loader", "make_multicrop_loader", "resolve_device"]
 

@@ -32,7 +32,7 @@ import torch
 
 from pipeline.config import NORMALIZATIONS, DataConfig, resolve_layout
 
-SUPPORTED_CROPS = (1, 10, 144)
+SUPPORTED_CROPS = (1, 10, 144)  # paper §8 / Tables 4-5: single crop, 10 crops, 144 crops
 GOOGLENET_SCALES = (256, 288, 320, 352)  # GoogLeNet §6 shorter sides, for 224x224 inputs
 GOOGLENET_INPUT = 224
 CORNERS_AND_CENTRE = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))

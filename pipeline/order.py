@@ -1,11 +1,9 @@
-"""The one definition of a split's samples and of the order in which every backend reads them.
+"""The one definition of the order in which every backend reads a split's samples.
 
 Library module, no CLI. ``pipeline.dali_loader`` and ``pipeline.torch_loader`` both read through
-this module; ``pipeline.loader`` only chooses the backend.
+this module; ``pipeline.loader`` only chooses the backend. The samples themselves (table, reader,
+quarantine) are ``pipeline.samples``; the random parameters of each position are ``pipeline.augment``.
 
-- ``SampleTable``: the usable samples of a split in manifest order, from the DALI index files
-  (tar, key, byte offsets of the JPEG and of the label); samples cut off by a short tar are marked.
-  Samples that ``build-shards`` skipped were never written, so they never enter the order.
 - ``SampleOrder``: for epoch ``e`` one permutation of all samples, a pure function of
   ``(data.seed, e)`` and the table, independent of the world size; quarantined samples are left out.
   Global step ``t`` consumes positions ``[t*G, (t+1)*G)`` with ``G = batch_size * world_size`` and
@@ -13,198 +11,35 @@ this module; ``pipeline.loader`` only chooses the backend.
   a global batch. Evaluation reads manifest order, rank ``r`` the range ``[n*r//W, n*(r+1)//W)``,
   so every sample is seen exactly once across ranks. A position in an epoch is the number of
   samples the whole job has consumed, so it survives a change of world size (elastic resume).
-- Augmentation is a pure function of ``(data.seed, epoch, position)`` (``crop_params``): the random
-  crop window and the mirror of the sample at a position are the same on any rank, in any world
-  size, before and after a resume, and in both backends.
-- ``Quarantine``: samples that failed to decode at read time, with where and why. A failed sample
-  is replaced in its batch by ``SampleOrder.substitute`` (deterministic), so every rank yields the
-  same number of batches; later epochs leave it out. Records name the shard and the key, so they
-  survive a resume (checkpoints hold them) and travel between ranks.
+- A sample that fails to decode is quarantined (``pipeline.samples.Quarantine``) and replaced in its
+  batch by ``SampleOrder.substitute`` (deterministic), so every rank yields the same number of
+  batches; later epochs leave it out.
+- ``OrderedLoader``: the state both backends' loaders keep (table, quarantine, order, epoch,
+  position); crop windows and mirrors come from ``pipeline.augment`` by position.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
-import random
-import struct
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.schema import (
-    IMAGE_EXT,
-    LABEL_EXT,
-    ShardFormatError,
-    load_manifest,
-    read_index,
-    split_files,
-    truncated_samples,
+from pipeline.augment import color_params, crop_params
+from pipeline.samples import (
+    CorruptSampleError,
+    Quarantine,
+    SampleReader,
+    SampleTable,
+    corrupt_sample_error,
+    prepare_table,
 )
+from pipeline.schema import ShardFormatError
 
 ORDER_STREAM = 0x0D3E  # seed-sequence word that separates the order from other random streams
-NUM_CROP_ATTEMPTS = 10  # DALI's image_random_crop default, kept by both backends
 
 
-class CorruptSampleError(RuntimeError):
-    """A sample could not be decoded at read time; the message names the shard and the key."""
-
-
-def corrupt_sample_error(key: str, tar: str, reason: object) -> CorruptSampleError:
-    return CorruptSampleError(
-        f"corrupt sample {key!r} in shard {tar}: {reason}. Rebuild the shards (`verify-shards --deep` "
-        "lists bad samples) or set data.skip_corrupt=true to quarantine such samples"
-    )
-
-
-# --- the table --------------------------------------------------------------------------------------
-@dataclass
-class SampleTable:
-    """The samples of one split in manifest order; sample ``i`` is identified by its index ``i``."""
-
-    split: str
-    tars: tuple[str, ...]
-    class_names: tuple[str, ...]
-    keys: list[str]
-    tar_of: np.ndarray  # int32 [N]: index into tars
-    jpg: np.ndarray  # int64 [N, 2]: (data offset, size) of the JPEG
-    lbl: np.ndarray  # int64 [N, 2]: (data offset, size) of the 4-byte label
-    truncated: dict[int, str] = field(default_factory=dict)  # sample -> reason (tar shorter than index)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @classmethod
-    def load(cls, shards: str, split: str) -> SampleTable:
-        if not shards:
-            raise ShardFormatError("data.shards is empty: set it to a folder made by `build-shards`")
-        manifest = load_manifest(shards)
-        info = manifest.split(split)
-        tars, idxs = split_files(shards, split)
-        keys, tar_of, jpg, lbl, truncated = [], [], [], [], {}
-        for t, (tar, idx, sh) in enumerate(zip(tars, idxs, info.shards, strict=True)):
-            try:
-                _, entries = read_index(idx)
-            except ValueError as exc:
-                raise ShardFormatError(f"{idx}: {exc}") from None
-            if len(entries) != sh.count:
-                raise ShardFormatError(
-                    f"{idx} lists {len(entries)} samples, the manifest {sh.count}: "
-                    "rebuild or re-index the shards"
-                )
-            cut = dict(truncated_samples(tar, idx, entries))
-            for sample in entries:
-                key = sample[0][3].partition(".")[0]
-                comps = {ext: (offset, size) for ext, offset, size, _ in sample}
-                if IMAGE_EXT not in comps or LABEL_EXT not in comps:
-                    raise ShardFormatError(f"{idx}: sample {key!r} lacks .{IMAGE_EXT} or .{LABEL_EXT}")
-                if key in cut:
-                    truncated[len(keys)] = cut[key]
-                keys.append(key)
-                tar_of.append(t)
-                jpg.append(comps[IMAGE_EXT])
-                lbl.append(comps[LABEL_EXT])
-        return cls(
-            split=split,
-            tars=tuple(tars),
-            class_names=tuple(manifest.class_names),
-            keys=keys,
-            tar_of=np.asarray(tar_of, dtype=np.int32),
-            jpg=np.asarray(jpg, dtype=np.int64).reshape(-1, 2),
-            lbl=np.asarray(lbl, dtype=np.int64).reshape(-1, 2),
-            truncated=truncated,
-        )
-
-    def name(self, i: int) -> tuple[str, str]:
-        """``(shard file name, key)`` of sample ``i``: how quarantine records name it."""
-        return Path(self.tars[int(self.tar_of[i])]).name, self.keys[i]
-
-    def find(self, shard: str, key: str) -> int | None:
-        if not hasattr(self, "_by_name"):
-            self._by_name = {self.name(i): i for i in range(len(self))}
-        return self._by_name.get((shard, key))
-
-
-class SampleReader:
-    """JPEG bytes and labels by sample index, from memory-mapped tars (no copy until asked)."""
-
-    def __init__(self, table: SampleTable) -> None:
-        self.table = table
-        self._maps: dict[int, mmap.mmap] = {}
-
-    def _map(self, t: int) -> mmap.mmap:
-        m = self._maps.get(t)
-        if m is None:
-            with open(self.table.tars[t], "rb") as f:
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[t] = m
-        return m
-
-    def jpeg(self, i: int) -> memoryview:
-        off, size = self.table.jpg[i]
-        return memoryview(self._map(int(self.table.tar_of[i])))[off : off + size]
-
-    def label(self, i: int) -> int:
-        off, size = self.table.lbl[i]
-        raw = self._map(int(self.table.tar_of[i]))[off : off + size]
-        if size != 4:
-            raise ValueError(f"label of {size} bytes, expected 4")
-        return struct.unpack("<i", raw)[0]
-
-    def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
-
-    def __getstate__(self):  # DataLoader workers map the tars themselves
-        return {"table": self.table, "_maps": {}}
-
-
-# --- quarantine -------------------------------------------------------------------------------------
-class Quarantine:
-    """Samples excluded after failing to decode: sample index -> ``{"shard", "key", "reason"}``."""
-
-    def __init__(self, table: SampleTable) -> None:
-        self.table = table
-        self.records: dict[int, dict[str, str]] = {}
-
-    def __contains__(self, i: int) -> bool:
-        return int(i) in self.records
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def ids(self, before_epoch: int | None = None) -> np.ndarray:
-        """Quarantined samples (those found before ``before_epoch`` when given)."""
-        ids = sorted(i for i, r in self.records.items() if before_epoch is None or r["epoch"] < before_epoch)
-        return np.asarray(ids, dtype=np.int64)
-
-    def add(self, i: int, reason: str, epoch: int = -1) -> bool:
-        """Record sample ``i``, found in ``epoch`` (-1: before training); True when it is new."""
-        if int(i) in self.records:
-            return False
-        shard, key = self.table.name(int(i))
-        self.records[int(i)] = {"shard": shard, "key": key, "reason": str(reason)[:300], "epoch": int(epoch)}
-        return True
-
-    def to_list(self) -> list[dict[str, str]]:
-        return [self.records[i] for i in sorted(self.records)]
-
-    def merge(self, records: list[dict[str, str]]) -> int:
-        """Add records made elsewhere (another rank, a checkpoint); returns how many were new. Records
-        of samples this split does not hold (another split's) are ignored."""
-        new = 0
-        for rec in records:
-            i = self.table.find(rec["shard"], rec["key"])
-            if i is not None and i not in self.records:
-                self.records[i] = {**rec, "epoch": int(rec.get("epoch", -1))}
-                new += 1
-        return new
-
-
-# --- the order --------------------------------------------------------------------------------------
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The permutation of ``range(n)`` for an epoch: a pure function of ``(seed, epoch, n)``."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([ORDER_STREAM, seed, epoch])))
@@ -313,106 +148,6 @@ class SampleOrder:
             if cand not in self.quarantine:
                 return cand
         raise CorruptSampleError("every sample of this split is quarantined; rebuild the shards")
-
-
-# --- augmentation -----------------------------------------------------------------------------------
-def position_rng(seed: int, epoch: int, position: int) -> random.Random:
-    """The random stream of one position of one epoch (crop window, mirror)."""
-    return random.Random((int(seed) << 96) ^ (int(epoch) << 48) ^ int(position))
-
-
-def random_crop_box(
-    rng: random.Random, height: int, width: int, area: tuple[float, float], aspect: tuple[float, float]
-) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` of a random-sized crop (GoogLeNet/Inception "RandomResizedCrop"), with the
-    distributions of DALI's ``RandomCropGenerator``: area uniform in ``area`` of the image, aspect
-    log-uniform in ``aspect``, position uniform, 10 attempts, then the centred square."""
-    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
-    for _ in range(NUM_CROP_ATTEMPTS):
-        target = rng.uniform(*area) * height * width
-        ratio = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * ratio)))
-        h = int(round(math.sqrt(target / ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, side
-
-
-def crop_params(
-    seed: int, epoch: int, position: int, height: int, width: int, area, aspect
-) -> tuple[int, int, int, int, bool]:
-    """``(top, left, h, w, mirror)`` of the training transform at a position of an epoch."""
-    rng = position_rng(seed, epoch, position)
-    top, left, h, w = random_crop_box(rng, height, width, tuple(area), tuple(aspect))
-    return top, left, h, w, rng.random() < 0.5
-
-
-BRIGHTNESS_DELTA = 32.0  # TF-slim distort_color: random_brightness(max_delta=32. / 255.), in [0, 255] units
-SATURATION_RANGE = (0.5, 1.5)  # TF-slim distort_color: random_saturation(lower=0.5, upper=1.5)
-
-
-def color_params(seed: int, epoch: int, position: int) -> tuple[float, float]:
-    """``(brightness shift in [0, 255] units, saturation factor)`` at a position of an epoch: a stream
-    of its own, so switching the distortion on leaves every crop and mirror as it was."""
-    rng = random.Random((1 << 160) | (int(seed) << 96) ^ (int(epoch) << 48) ^ int(position))
-    return rng.uniform(-BRIGHTNESS_DELTA, BRIGHTNESS_DELTA), rng.uniform(*SATURATION_RANGE)
-
-
-def distort_color(image: np.ndarray, brightness: float, saturation: float) -> np.ndarray:
-    """The reference of the colour distortion on a uint8 HWC image, as DALI computes it: brightness
-    shift clamped to [0, 255], then saturation as a blend with the ITU-R 601 luma (DALI's ``hsv``
-    works in YIQ, where scaling saturation is exactly that blend; Pillow's ``ImageEnhance.Color``
-    too)."""
-    x = np.clip(image.astype(np.float32) + brightness, 0, 255).round()
-    luma = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    x = luma[..., None] + saturation * (x - luma[..., None])
-    return np.clip(x, 0, 255).round().astype(np.uint8)
-
-
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_size(buf) -> tuple[int, int]:
-    """``(height, width)`` from a JPEG's frame header, without decoding; ValueError when there is none."""
-    b = bytes(buf[:2])
-    if b != b"\xff\xd8":
-        raise ValueError("not a JPEG (no SOI marker)")
-    i, n = 2, len(buf)
-    while i + 4 <= n:
-        if buf[i] != 0xFF:
-            raise ValueError(f"JPEG marker expected at byte {i}")
-        marker = buf[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            i += 2
-            continue
-        length = (buf[i + 2] << 8) | buf[i + 3]
-        if marker in _SOF:
-            if i + 9 > n:
-                break
-            h = (buf[i + 5] << 8) | buf[i + 6]
-            w = (buf[i + 7] << 8) | buf[i + 8]
-            if h == 0 or w == 0:
-                raise ValueError("JPEG frame header with a zero dimension")
-            return h, w
-        if marker in (0xD9, 0xDA):
-            break
-        i += 2 + length
-    raise ValueError("JPEG without a frame header")
-
-
-# --- checks -----------------------------------------------------------------------------------------
-def prepare_table(table: SampleTable, quarantine: Quarantine, skip_corrupt: bool) -> None:
-    """Samples cut off by a short tar: an error naming the first, or quarantined with ``skip_corrupt``."""
-    for i, reason in table.truncated.items():
-        shard, key = table.name(i)
-        if not skip_corrupt:
-            raise corrupt_sample_error(key, table.tars[int(table.tar_of[i])], reason) from None
-        if quarantine.add(i, reason):
-            warnings.warn(f"quarantined sample {key!r} of shard {shard} ({reason})", stacklevel=3)
 
 
 def check_split_size(order: SampleOrder, split: str, shards: str) -> None:

@@ -8,7 +8,7 @@ the start position), so the ``DataLoader`` yields them in order. Workers return 
 main process converts them on the target device (float, mean/std, layout, dtype:
 ``pipeline.multicrop.normalize``).
 
-Crops are DALI's: the same window and mirror per position (``pipeline.order.crop_params``), cut from
+Crops are DALI's: the same window and mirror per position (``pipeline.augment.crop_params``), cut from
 the decoded image and resized with antialiased bilinear filtering (Pillow BILINEAR widens its kernel
 when downscaling, like DALI's default linear filter); DALI decodes only the window with
 libjpeg-turbo/nvJPEG, Pillow the whole image with libjpeg-turbo, so pixel values agree to within
@@ -30,8 +30,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.augment import distort_color
 from pipeline.multicrop import apply_plan, crop_plan, normalize
-from pipeline.order import OrderedLoader, distort_color
+from pipeline.order import OrderedLoader
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ops.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from orchestration.trainer import _rng_state, _set_rng_state
+from orchestration.resume import rng_state, set_rng_state
 
 
 class _Payload:
@@ -35,7 +35,7 @@ def _payload(**extra):
         "step": 4,
         "config": {"data": {"crop_area": (0.08, 1.0)}},
         "class_names": ["a", "b", "c"],
-        "extra": {"rng": [_rng_state()], **extra},
+        "extra": {"rng": [rng_state()], **extra},
     }
 
 
@@ -61,5 +61,5 @@ def test_checkpoints_we_write_round_trip_with_rng_states(tmp_path):
     expected = (np.random.rand(3).tolist(), random.random(), torch.rand(2).tolist())
     payload = load_checkpoint(tmp_path)  # weights_only=True
     assert payload["config"] == {"data": {"crop_area": (0.08, 1.0)}} and payload["step"] == 4
-    _set_rng_state(payload["extra"]["rng"][0])
+    set_rng_state(payload["extra"]["rng"][0])
     assert (np.random.rand(3).tolist(), random.random(), torch.rand(2).tolist()) == expected

@@ -2,7 +2,7 @@
 
 The expected figures come from the tars read directly (tarfile), ``preprocess_images`` (Pillow) and
 the members run by hand; the table comes from the DALI eval pipelines through
-``evaluate_multicrop`` / ``python -m ops.evaluate``.
+``evaluate_multicrop`` / ``python -m ops.evaluate_cli``.
 """
 
 from __future__ import annotations
@@ -12,15 +12,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ops.evaluate import (
-    EvalTable,
-    binomial_stderr,
-    correct_counts,
-    evaluate_multicrop,
-    main,
-    parse_members,
-    parse_subset,
-)
+from ops.evaluate import EvalTable, binomial_stderr, correct_counts, evaluate_multicrop
+from ops.evaluate_cli import main, parse_members, parse_subset
 from pipeline.config import DataConfig
 from pipeline.multicrop import preprocess_images
 from tests.ops.conftest import IMAGE_SIZE, VAL_RESIZE, members_of, read_split

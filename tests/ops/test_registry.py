@@ -314,7 +314,7 @@ def test_cli_promote_and_describe(reg, capsys):
 
 @pytest.mark.slow
 def test_evaluate_cli_on_registered_model_reproduces_version_figure(reg, synthetic_shards, capsys):
-    from ops.evaluate import main as evaluate_main
+    from ops.evaluate_cli import main as evaluate_main
 
     cwd = os.getcwd()
     os.chdir(reg.root)

@@ -13,7 +13,7 @@ LEARN_TRAIN_PER_CLASS = 200  # 2000 images: 31 steps/epoch, enough to beat chanc
 
 @pytest.fixture(scope="session")
 def tiny_cifar_shards(real_data_dir, tmp_path_factory):
-    from ops.benchmarks.real_data import build_real_shards
+    from pipeline.shards.real_data import build_real_shards
 
     out = tmp_path_factory.mktemp("cifar") / "shards"
     return build_real_shards("cifar10", real_data_dir, out, TRAIN_PER_CLASS, TEST_PER_CLASS, progress=False)
@@ -21,7 +21,7 @@ def tiny_cifar_shards(real_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_cifar_shards(real_data_dir, tmp_path_factory):
-    from ops.benchmarks.real_data import build_real_shards
+    from pipeline.shards.real_data import build_real_shards
 
     out = tmp_path_factory.mktemp("cifar-small") / "shards"
     return build_real_shards(

@@ -174,7 +174,7 @@ print("written", flush=True)
 
 @pytest.mark.slow
 def test_killed_during_checkpoint_write_keeps_the_previous_one(tmp_path):
-    from orchestration.trainer import newest_local_checkpoint
+    from orchestration.resume import newest_local_checkpoint
 
     ckpt = tmp_path / "runs" / "job" / "checkpoint_2026-01-01_00-00-01.000000"
     small = {"w": torch.arange(6.0)}

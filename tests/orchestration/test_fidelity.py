@@ -15,7 +15,7 @@ from torch import nn
 import models
 from orchestration.config import ConfigError, OptimConfig, load_config
 from orchestration.optim import add_weight_decay, build_optimizer, clip_gradients, loss_weight_decay
-from orchestration.trainer import set_bn_momentum
+from orchestration.state import set_bn_momentum
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -145,7 +145,7 @@ def test_imagenet_recipe_trains_a_few_steps(tmp_path):
     """configs/imagenet.yaml's model, optimizer, clipping and weight decay, 3 steps at 299 px on CPU."""
     from orchestration.loop import train_one_epoch
     from orchestration.schedule import LrSchedule, scaled_lr, warmup_epochs
-    from orchestration.trainer import loop_settings
+    from orchestration.worker import loop_settings
     from pipeline import make_loader
     from tests.pipeline.shard_fixtures import write_coded_shards
 
@@ -202,7 +202,7 @@ def test_googlenet_pools_as_the_paper_or_as_torchvision():
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_ablation_ladder_benchmark_runs_its_rungs(real_data_dir, tmp_path):
-    """``python -m ops.benchmarks.ablation_ladder`` end to end on a CIFAR-10 subset, two rungs, two
+    """``python -m benchmarks.ablation_ladder`` end to end on a CIFAR-10 subset, two rungs, two
     steps each: one table row per rung, with the paper's figures beside."""
     import json
     import subprocess
@@ -210,7 +210,7 @@ def test_ablation_ladder_benchmark_runs_its_rungs(real_data_dir, tmp_path):
 
     out = subprocess.run(
         [
-            sys.executable, "-m", "ops.benchmarks.ablation_ladder", "--data-dir", str(real_data_dir),
+            sys.executable, "-m", "benchmarks.ablation_ladder", "--data-dir", str(real_data_dir),
             "--out", str(tmp_path), "--epochs", "1", "--rungs", "1,5", "--per-class-train", "20",
             "--per-class-test", "10", "--json", str(tmp_path / "ladder.json"),
             "debug.max_steps_per_epoch=2", "checkpoint.max_failures=0",
@@ -241,7 +241,7 @@ def test_decay_and_per_tensor_clipping_leave_plain_gradients():
 def test_paper_recipe_swaps_only_the_optimiser_and_the_schedule_shape():
     """``recipe_compare``'s ``paper`` recipe is ``configs/imagenet.yaml``'s optimiser and schedule
     shape on the dataset config; the data, network, EMA and run length stay the dataset's."""
-    from ops.benchmarks.recipe_compare import CONFIGS, RECIPES, paper_overrides
+    from benchmarks.recipe_compare import CONFIGS, RECIPES, paper_overrides
 
     paper = load_config(REPO / "configs" / "imagenet.yaml")
     for name in CONFIGS.values():
@@ -262,8 +262,8 @@ def test_paper_recipe_swaps_only_the_optimiser_and_the_schedule_shape():
 def test_tiny_imagenet_shards_from_the_shared_archive(real_data_dir, tmp_path):
     """100 classes from ``tiny-imagenet-100/{train,val}/<wnid>/``, subset sizes exact, reused once
     built, refused at other sizes."""
-    from ops.benchmarks.real_data import build_real_shards
     from pipeline import load_manifest
+    from pipeline.shards.real_data import build_real_shards
 
     out = build_real_shards("tiny-imagenet", real_data_dir, tmp_path / "s", 2, 1, progress=False)
     manifest = load_manifest(out)
@@ -277,7 +277,7 @@ def test_tiny_imagenet_shards_from_the_shared_archive(real_data_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_recipe_compare_benchmark_runs_both_recipes(real_data_dir, tmp_path):
-    """``python -m ops.benchmarks.recipe_compare`` end to end on a Tiny-ImageNet subset, two steps per
+    """``python -m benchmarks.recipe_compare`` end to end on a Tiny-ImageNet subset, two steps per
     recipe: one row per recipe with that recipe's optimiser settings."""
     import json
     import subprocess
@@ -285,7 +285,7 @@ def test_recipe_compare_benchmark_runs_both_recipes(real_data_dir, tmp_path):
 
     out = subprocess.run(
         [
-            sys.executable, "-m", "ops.benchmarks.recipe_compare", "--data-dir", str(real_data_dir),
+            sys.executable, "-m", "benchmarks.recipe_compare", "--data-dir", str(real_data_dir),
             "--dataset", "tiny-imagenet", "--out", str(tmp_path), "--epochs", "1",
             "--per-class-train", "2", "--per-class-test", "1", "--json", str(tmp_path / "rows.json"),
             "debug.max_steps_per_epoch=2", "checkpoint.max_failures=0",

@@ -13,7 +13,8 @@ import pytest
 from ops.checkpoint import load_checkpoint
 from orchestration.config import load_config
 from orchestration.ensemble import run_training
-from pipeline.order import Quarantine, SampleOrder, SampleTable
+from pipeline.order import SampleOrder
+from pipeline.samples import Quarantine, SampleTable
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
@@ -118,7 +119,7 @@ def test_resume_with_one_worker_continues_the_two_worker_sequence(
 def test_changed_shards_are_refused_before_a_resume(
     ray_2cpu, tiny_cifar_shards, small_cifar_shards, tmp_path
 ):
-    from orchestration.trainer import DataCheckError
+    from orchestration.resume import DataCheckError
 
     cfg = _cfg(tiny_cifar_shards, tmp_path, "data", "schedule.epochs=1", "debug.max_steps_per_epoch=3")
     run_training(cfg, REPO)

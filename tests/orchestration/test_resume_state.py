@@ -14,8 +14,8 @@ from ops.checkpoint import load_checkpoint, save_checkpoint
 from orchestration.config import ScheduleConfig
 from orchestration.ema import ModelEma
 from orchestration.optim import RMSpropTF
+from orchestration.resume import restore_training_state, rng_state, set_rng_state
 from orchestration.schedule import LrSchedule
-from orchestration.trainer import _rng_state, _set_rng_state, restore_training_state
 
 
 def _draws() -> tuple:
@@ -32,10 +32,10 @@ def _moved(state: dict) -> dict:
 
 def test_rng_state_restores_from_a_moved_copy():
     torch.manual_seed(3)
-    saved = _rng_state()
+    saved = rng_state()
     expected = _draws()
     _draws()
-    _set_rng_state(_moved(saved))  # raised TypeError before: set_rng_state wants a CPU ByteTensor
+    set_rng_state(_moved(saved))  # raised TypeError before: set_rng_state wants a CPU ByteTensor
     assert _draws() == expected
 
 
@@ -75,7 +75,7 @@ def test_restore_training_state_continues_bit_exactly(tmp_path):
             "step": 1,
             "config": {},
             "class_names": list("abcde"),
-            "extra": {"rng": [_rng_state()], "ema_updates": ema.num_updates, "world_size": 1},
+            "extra": {"rng": [rng_state()], "ema_updates": ema.num_updates, "world_size": 1},
         },
     )
     expected = [_step(model, opt, sched, ema, x) for _ in range(2)]  # dropout draws from the RNG
@@ -91,17 +91,17 @@ def test_restore_training_state_continues_bit_exactly(tmp_path):
 def test_rng_states_of_another_world_size_are_reported(capsys):
     torch.manual_seed(5)
     before = torch.get_rng_state()
-    from orchestration.trainer import restore_rng_states
+    from orchestration.resume import restore_rng_states
 
-    restore_rng_states([_rng_state(), _rng_state()], rank=0, world_size=3)
+    restore_rng_states([rng_state(), rng_state()], rank=0, world_size=3)
     assert "RNG states of 2 worker(s) and this run has 3" in capsys.readouterr().out
     assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.gpu
 def test_rng_state_mapped_to_cuda_restores():
-    saved = _rng_state()
+    saved = rng_state()
     payload = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in saved.items()}
     expected = (_draws(), torch.rand(2, device="cuda").tolist())
-    _set_rng_state(_moved(payload))
+    set_rng_state(_moved(payload))
     assert (_draws(), torch.rand(2, device="cuda").tolist()) == expected

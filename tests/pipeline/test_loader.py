@@ -160,7 +160,7 @@ def test_torch_random_crop_box_follows_dali_distributions():
     import math
     import random
 
-    from pipeline.order import random_crop_box
+    from pipeline.augment import random_crop_box
 
     rng = random.Random(0)
     boxes = [random_crop_box(rng, 375, 500, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(3000)]
@@ -253,7 +253,7 @@ def test_color_distortion_dali_matches_the_reference():
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
-    from pipeline.order import distort_color
+    from pipeline.augment import distort_color
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)
@@ -295,7 +295,7 @@ def test_color_distortion_is_the_same_in_both_backends(shards):
 
 
 def test_color_params_follow_tf_slim_ranges():
-    from pipeline.order import color_params
+    from pipeline.augment import color_params
 
     draws = [color_params(0, 1, p) for p in range(2000)]
     assert all(-32 <= b <= 32 and 0.5 <= s <= 1.5 for b, s in draws)

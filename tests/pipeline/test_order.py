@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipeline import DataConfig, make_loader
-from pipeline.order import SampleTable, epoch_permutation
+from pipeline.order import epoch_permutation
+from pipeline.samples import SampleTable
 from tests.pipeline.shard_fixtures import write_coded_shards
 
 TRAIN, VAL, CLASSES = 53, 23, 23  # 53 = 6 global batches of 8 + a tail of 5
@@ -114,7 +115,7 @@ def test_elastic_resume_mid_epoch_continues_the_same_sequence(shards, before, af
 def test_shuffle_quality_against_a_buffer_shuffle():
     """Pairs of samples that share a batch in epoch e and again in e+1: the global permutation is at
     the level of independent random batches, a per-rank contiguous range with a shuffle buffer is not."""
-    from ops.benchmarks.shuffle_quality import buffer_shuffle_epoch, global_epoch, repeat_pair_fraction
+    from benchmarks.shuffle_quality import buffer_shuffle_epoch, global_epoch, repeat_pair_fraction
 
     n, w, b, buf = 400000, 8, 32, 2048  # ImageNet (1.28M) gives 1.00x and 20x
     g = w * b
@@ -182,7 +183,8 @@ def test_corrupt_data_without_skip_is_named(tmp_path):
 def test_table_reads_the_index_offsets(shards):
     table = SampleTable.load(str(shards), "train")
     assert len(table) == TRAIN and table.keys[:2] == ["train00000", "train00001"]
-    from pipeline.order import SampleReader, jpeg_size
+    from pipeline.jpeg import jpeg_size
+    from pipeline.samples import SampleReader
 
     reader = SampleReader(table)
     assert bytes(reader.jpeg(0)[:2]) == b"\xff\xd8" and reader.label(24) == 24 % CLASSES

@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m ops.benchmarks.bench_build_shards --source /work/shared/data/imagenet-sample-images.tar
+    python -m benchmarks.bench_build_shards --source /work/shared/data/imagenet-sample-images.tar
 
 For each worker count (default 1 and 2) it measures, in one run, on the same files and cores:
 

@@ -2,7 +2,7 @@
 with the same budget on the same shards, one Table-3-shaped table with the paper's ImageNet figures
 beside.
 
-    python -m ops.benchmarks.ablation_ladder --data-dir ../shared/data [--epochs 6] [--rungs 1,2,3,4,5]
+    python -m benchmarks.ablation_ladder --data-dir ../shared/data [--epochs 6] [--rungs 1,2,3,4,5]
         [--out runs/ablation] [--json ladder.json] [--per-class-train N --per-class-test N] [key=value ...]
 
 Each rung is its own recipe file (``configs/ablations/N-*.yaml``: the paper's optimiser, schedule,
@@ -23,15 +23,11 @@ the one before by exactly what Table 3 adds. Errors are on the 10,000 test image
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.common import REPO_ROOT, Run, parse_real_data_args, real_data_parser, report, train_runs
 
 LADDER = REPO_ROOT / "configs" / "ablations"
 # Szegedy et al. 2016, Table 3: single-crop top-1 / top-5 error on ImageNet (None: not reported)
@@ -85,91 +81,70 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ops.benchmarks.ablation_ladder", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--data-dir", default=os.environ.get("REAL_DATA_DIR"), help="folder with cifar10-jpg.tar.gz"
-    )
-    parser.add_argument(
-        "--out", default=str(REPO_ROOT / "runs" / "ablation"), help="shards, checkpoints, MLflow"
+def parse_args(argv: list[str] | None):
+    parser = real_data_parser(
+        "python -m benchmarks.ablation_ladder",
+        __doc__,
+        archives="cifar10-jpg.tar.gz",
+        out=str(REPO_ROOT / "runs" / "ablation"),
     )
     parser.add_argument("--epochs", type=int, default=6, help="epochs per rung (default 6: ~14 min a rung)")
     parser.add_argument(
         "--rungs", default="1,2,3,4,5", help="comma list of rungs (default: the whole ladder)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-class-train", type=int, default=None, help="subset for smoke runs")
-    parser.add_argument("--per-class-test", type=int, default=None, help="subset for smoke runs")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("overrides", nargs="*", help="section.key=value for every rung")
-    args = parser.parse_args(argv)
-    if not args.data_dir:
-        parser.error("--data-dir (or REAL_DATA_DIR) must name the folder holding cifar10-jpg.tar.gz")
+    args = parse_real_data_args(parser, argv, "cifar10-jpg.tar.gz")
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
+    return args
 
-    from orchestration.console import quiet_defaults
 
-    quiet_defaults()  # before Ray and MLflow are imported
-    from ops.benchmarks.real_data import build_real_shards, report, train_in_turn
+def row(rung: int, path: Path, m: dict, args, wall_min: float) -> dict:
     from ops.evaluate import binomial_stderr
-    from orchestration.config import ConfigError, load_config
-    from orchestration.train import init_ray
 
+    n = int(m["val_count"])
+    return {
+        "rung": rung,
+        "name": path.stem,
+        "top1_err": 100 * (1 - m["val_top1"]),
+        "top1_se": 100 * binomial_stderr(1 - m["val_top1"], n),
+        "top5_err": 100 * (1 - m["val_top5"]),
+        "ema_top1_err": 100 * (1 - m.get("val_ema_top1", float("nan"))),
+        "images": n,
+        "epochs": int(m["epoch"]),
+        "seed": args.seed,
+        "wall_min": wall_min,
+        "images_per_s": m.get("train_images_per_sec"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     out = Path(args.out).resolve()
     try:
         rungs = rung_files([int(r) for r in args.rungs.split(",") if r.strip()])
-        shards = build_real_shards(
-            "cifar10", args.data_dir, out / "shards", args.per_class_train, args.per_class_test
-        )
-        configs = []
-        for rung, path in rungs:
-            configs.append(
-                (
-                    rung,
-                    path,
-                    load_config(
-                        path,
-                        [
-                            *CIFAR_OVERRIDES,
-                            f"data.shards={shards}",
-                            f"schedule.epochs={args.epochs}",
-                            f"seed={args.seed}",
-                            f"checkpoint.storage_path={out / 'runs'}",
-                            f"checkpoint.name=rung{rung}-seed{args.seed}-e{args.epochs}",
-                            f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
-                            *args.overrides,
-                        ],
-                        root=str(REPO_ROOT),
-                    ),
-                )
-            )
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    init_ray(None, None)
-    rows = []
-    started = time.perf_counter()
-    runs = [(f"rung {rung} ({path.name})", cfg) for rung, path, cfg in configs]
-    for (rung, path, _), (_, _, m, wall_min) in zip(configs, train_in_turn(runs, REPO_ROOT), strict=True):
-        n = int(m["val_count"])
-        rows.append(
-            {
-                "rung": rung,
-                "name": path.stem,
-                "top1_err": 100 * (1 - m["val_top1"]),
-                "top1_se": 100 * binomial_stderr(1 - m["val_top1"], n),
-                "top5_err": 100 * (1 - m["val_top5"]),
-                "ema_top1_err": 100 * (1 - m.get("val_ema_top1", float("nan"))),
-                "images": n,
-                "epochs": int(m["epoch"]),
-                "seed": args.seed,
-                "wall_min": wall_min,
-                "images_per_s": m.get("train_images_per_sec"),
-            }
+    runs = [
+        Run(
+            f"rung {rung} ({path.name})",
+            path,
+            (
+                *CIFAR_OVERRIDES,
+                f"schedule.epochs={args.epochs}",
+                f"seed={args.seed}",
+                f"checkpoint.storage_path={out / 'runs'}",
+                f"checkpoint.name=rung{rung}-seed{args.seed}-e{args.epochs}",
+                f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+            ),
         )
+        for rung, path in rungs
+    ]
+    started = time.perf_counter()
+    trained = train_runs("cifar10", args, out, runs)
+    if trained is None:
+        return 2
+    rows = [row(r, path, t.metrics, args, t.wall_min) for (r, path), t in zip(rungs, trained, strict=True)]
     total_min = (time.perf_counter() - started) / 60
     footer = (
         f"CIFAR-10 test split ({rows[0]['images']} images, ± one standard error), "

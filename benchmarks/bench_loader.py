@@ -5,8 +5,8 @@ same order without the loader, and against the reader-based DALI path the global
 
 Run::
 
-    python -m ops.benchmarks.bench_loader --source ../shared/data/imagenet-sample-images.tar
-    python -m ops.benchmarks.bench_loader --shards DIR --device cuda --threads 8 --batch-size 128
+    python -m benchmarks.bench_loader --source ../shared/data/imagenet-sample-images.tar
+    python -m benchmarks.bench_loader --shards DIR --device cuda --threads 8 --batch-size 128
 
 ``--source`` is turned into shards in a temporary folder with ``pipeline.shards.build_shards``
 (or ``--shards`` points at existing ones). Pipelines run interleaved, one epoch each per round;
@@ -40,46 +40,11 @@ TARGET_VS_PREVIOUS = 1.0  # the ordered path is at least as fast as the reader-b
 TARGET_VS_TORCH = 2.5  # DALI >= 2.5x the Pillow DataLoader reading the same order
 
 
-def repeat_shards(src: str | Path, dst: str | Path, splits: dict[str, tuple[str, int]]) -> Path:
-    """A shard folder ``dst`` whose split ``name`` lists split ``source`` of ``src`` ``repeat`` times,
-    for every ``name: (source, repeat)`` of ``splits``: longer epochs from a few real images, so that
-    per-epoch costs weigh as little as on real datasets. Files are hard links (copies across file
-    systems); ``src`` is not changed."""
-    import shutil
-
-    from pipeline.schema import ShardInfo, SplitInfo, index_name, load_manifest, shard_name, write_manifest
-
-    src, dst = Path(src), Path(dst)
-    manifest = load_manifest(src)
-    dst.mkdir(parents=True, exist_ok=True)
-
-    def link(a: Path, b: Path) -> None:
-        b.unlink(missing_ok=True)
-        try:
-            b.hardlink_to(a)
-        except OSError:
-            shutil.copyfile(a, b)
-
-    out_splits = {}
-    for name, (source, repeat) in splits.items():
-        shards = []
-        for _ in range(repeat):
-            for sh in manifest.split(source).shards:
-                i = len(shards)
-                link(src / sh.tar, dst / shard_name(name, i))
-                link(src / sh.index, dst / index_name(name, i))
-                shards.append(
-                    ShardInfo(shard_name(name, i), index_name(name, i), sh.count, sh.sha256, sh.bytes)
-                )
-        out_splits[name] = SplitInfo(tuple(shards), params={"repeat_of": source, "repeat": repeat})
-    write_manifest(dst, type(manifest)(classes=manifest.classes, splits=out_splits))
-    return dst
-
-
 def build_bench_shards(source: str, out: Path, repeat: int) -> None:
     """Shards of ``source``; ``repeat`` > 1 lists the same tar ``repeat`` times (hard links) so
     epochs are long enough that per-epoch pipeline rebuilds weigh as little as on real datasets."""
     from pipeline.shards import build_shards
+    from pipeline.shards.repeat import repeat_shards
 
     built = out.with_name(out.name + "-built")
     build_shards(source, built, "train", progress=True)
@@ -136,7 +101,7 @@ def previous_pipeline(cfg: DataConfig, device_id, spec, raw: bool):
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
-    from pipeline.dali_pipelines import _decoder_args, _normalize
+    from pipeline.dali_pipelines import decoder_args, normalize
     from pipeline.schema import split_files
 
     tars, idxs = split_files(cfg.shards, cfg.train_split)
@@ -159,12 +124,12 @@ def previous_pipeline(cfg: DataConfig, device_id, spec, raw: bool):
             random_area=list(cfg.crop_area),
             random_aspect_ratio=list(cfg.crop_aspect),
             num_attempts=10,
-            **_decoder_args(spec),
+            **decoder_args(spec),
         )
         images = fn.resize(images, size=(cfg.image_size, cfg.image_size))
         if raw:
             return images, labels
-        return _normalize(images, spec, mirror=fn.random.coin_flip(probability=0.5)), labels
+        return normalize(images, spec, mirror=fn.random.coin_flip(probability=0.5)), labels
 
     return pipe(
         batch_size=cfg.batch_size,
@@ -228,7 +193,7 @@ class PipeTimer:
         from pipeline.dali_loader import DaliLoader, Feeder
         from pipeline.dali_pipelines import train_pipeline
         from pipeline.loader import resolve_device
-        from pipeline.order import SampleTable
+        from pipeline.samples import SampleTable
 
         dev, device_id = resolve_device(device)
         self.gpu, self.batch = device_id is not None, cfg.batch_size
@@ -351,7 +316,7 @@ def ratios(results: dict) -> list[tuple[str, str, str, float]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m ops.benchmarks.bench_loader", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.bench_loader", description=__doc__.split("\n\n")[0]
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--source", help="image collection for build-shards (e.g. imagenet-sample-images.tar)")

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_gpu_check_smoke_runs_every_cpu_step(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestration.gpu_check", "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(out)],
         cwd=REPO,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
         capture_output=True,
@@ -55,8 +55,8 @@ def test_gpu_check_smoke_runs_every_cpu_step(tmp_path):
 
 
 def test_gpu_check_refuses_without_cuda_or_bad_steps(tmp_path):
-    from orchestration import gpu_check
+    from benchmarks.gpu_check.cli import main
 
-    assert gpu_check.main(["--smoke", "--only", "nonsense", "--out", str(tmp_path)]) == 2
+    assert main(["--smoke", "--only", "nonsense", "--out", str(tmp_path)]) == 2
     if not __import__("torch").cuda.is_available():
-        assert gpu_check.main(["--out", str(tmp_path)]) == 2
+        assert main(["--out", str(tmp_path)]) == 2

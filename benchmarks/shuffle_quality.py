@@ -5,7 +5,7 @@ Compares the global order of ``pipeline.order`` with the per-rank scheme it repl
 a contiguous range of the shards' stored order, rotated per epoch, through a shuffle buffer, as
 DALI's ``readers.webdataset(random_shuffle=True, initial_fill=...)`` and WebDataset do).
 
-    python -m ops.benchmarks.shuffle_quality [--samples 1281167] [--workers 8] [--batch 32] [--buffer 2048]
+    python -m benchmarks.shuffle_quality [--samples 1281167] [--workers 8] [--batch 32] [--buffer 2048]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def repeat_pair_fraction(first: np.ndarray, second: np.ndarray, g: int) -> float
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m ops.benchmarks.shuffle_quality",
+        prog="python -m benchmarks.shuffle_quality",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -2,8 +2,8 @@
 
 Run::
 
-    python -m ops.benchmarks.bench_serving                       # a 2-member demo-sized ensemble
-    python -m ops.benchmarks.bench_serving --model models:/inception-v3-demo@champion \\
+    python -m benchmarks.bench_serving                       # a 2-member demo-sized ensemble
+    python -m benchmarks.bench_serving --model models:/inception-v3-demo@champion \\
         --tracking-uri http://127.0.0.1:5000 --requests 64
 
 For each crop setting (1 and 10 crops, the request's ``params.crops``) and each number of
@@ -129,7 +129,7 @@ def run_setting(url: str, images: list[str], crops: int, clients: int, requests_
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m ops.benchmarks.bench_serving", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.bench_serving", description=__doc__.split("\n\n")[0]
     )
     p.add_argument(
         "--model", default=None, help="models:/NAME@alias to serve (default: a demo-sized ensemble)"

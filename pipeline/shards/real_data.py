@@ -1,4 +1,5 @@
-"""Shards of the real image sets the benchmarks train on, built once from the shared archives.
+"""Shards of public real image sets, built once from their archives: what the benchmarks and the
+slower tests train on.
 
 ``build_real_shards("cifar10", data_dir, out)`` reads ``cifar10-jpg.tar.gz`` (``train/<class>/*.jpg``,
 ``test/<class>/*.jpg``); ``"tiny-imagenet"`` reads ``tiny-imagenet-100.tar.gz``
@@ -15,6 +16,9 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.schema import load_manifest
+from pipeline.shards.build import build_shards
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,6 @@ def build_real_shards(
 ) -> Path:
     """Shards of ``dataset`` (``train`` and ``val`` splits) in ``out``; reused when the manifest has
     both at the requested sizes."""
-    from pipeline import load_manifest
-    from pipeline.shards import build_shards
-
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
     d = DATASETS[dataset]
@@ -110,33 +111,3 @@ def build_real_shards(
                 progress=progress,
             )
     return out
-
-
-def train_in_turn(runs: list[tuple[str, object]], root: Path):
-    """Train each ``(label, TrainConfig)`` of ``runs`` in this process, one after the other, announcing
-    each with an ETA from the ones before; yields ``(label, cfg, metrics, wall_min)`` per run, the
-    metrics of its (single) member's last epoch."""
-    import time
-
-    from orchestration.ensemble import run_training
-
-    started = time.perf_counter()
-    for i, (label, cfg) in enumerate(runs):
-        left = (time.perf_counter() - started) / i * (len(runs) - i) / 60 if i else None
-        eta = f", about {left:.0f} min left" if left is not None else ""
-        print(f"==> {label}, {i + 1} of {len(runs)}{eta}", flush=True)
-        start = time.perf_counter()
-        metrics = run_training(cfg, root).members[0].metrics
-        yield label, cfg, metrics, (time.perf_counter() - start) / 60
-
-
-def report(rows: list[dict], table: str, footer: str, json_path: str | None) -> None:
-    """The Markdown table, a footer line, then the rows as one JSON line (and in ``json_path``)."""
-    import json
-
-    print()
-    print(table)
-    print(f"\n{footer}")
-    print(json.dumps(rows))
-    if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")

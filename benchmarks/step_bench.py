@@ -1,9 +1,11 @@
 """Training-step throughput of a network under the product's own loop, on synthetic batches already
-on the device: the "step alone" figures of ``make gpu-check`` (``orchestration.gpu_check``).
+on the device: the "step alone" figures of ``make gpu-check`` (``benchmarks.gpu_check``).
 
-Library module, no CLI. A step here is exactly ``orchestration.loop.train_one_epoch``'s step: forward
-with the auxiliary head, label-smoothed loss, backward, gradient clipping, RMSpropTF (the paper
-recipe's optimizer), the moving average of the weights. Peers (torchvision's and timm's
+No CLI; ``make gpu-check``'s ``train-step`` and ``peers`` steps call it. A step here is exactly
+``orchestration.loop.train_one_epoch``'s step: forward with the auxiliary head, label-smoothed loss,
+backward, gradient clipping, RMSpropTF (the paper recipe's optimizer), the moving average of the
+weights, on a model, optimizer, schedule and EMA built by ``orchestration.state.build_train_state``
+as in training. Peers (torchvision's and timm's
 Inception-v3) run through the same loop behind ``PeerAdapter``, so only the network differs.
 """
 
@@ -18,10 +20,9 @@ from torch import nn
 
 from models import ModelOutputs
 from orchestration.config import OptimConfig, ScheduleConfig
-from orchestration.ema import ModelEma
 from orchestration.loop import LoopSettings, train_one_epoch
-from orchestration.optim import build_optimizer, loss_weight_decay
-from orchestration.schedule import LrSchedule
+from orchestration.optim import loss_weight_decay
+from orchestration.state import build_train_state, place_model
 
 AUX_WEIGHT = 0.4  # TF-slim's weight of the auxiliary loss, as models.inception_v3.AUX_LOSS_WEIGHT
 
@@ -111,14 +112,13 @@ def time_training_steps(
 ) -> dict[str, float]:
     """Images/s of ``steps`` loop steps after ``warmup`` steps (compilation happens there)."""
     torch.manual_seed(0)
-    model = build().to(device)
-    if setting.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(build(), device, setting.channels_last)
     aux = tuple(getattr(model, "aux_loss_weights", ()))
     s = loop_settings_for(setting, device, aux)
-    optimizer = build_optimizer(model, OptimConfig(), OptimConfig().lr)
-    schedule = LrSchedule(optimizer, OptimConfig().lr, steps + warmup, ScheduleConfig(), 0.0)
-    ema = ModelEma(model, 0.9999)
+    optim = OptimConfig()
+    optimizer, schedule, ema = build_train_state(
+        model, optim, ScheduleConfig(), base_lr=optim.lr, steps_per_epoch=steps + warmup
+    ).parts()[1:]
     train_model = torch.compile(model) if setting.compile else model
     images = torch.randn(batch, 3, image_size, image_size, device=device)
     if setting.channels_last:  # what the loader hands over with layout NHWC
@@ -137,7 +137,7 @@ def time_training_steps(
         "peak_memory_gib": metrics["peak_memory_mib"] / 1024,
         "loss": metrics["train_loss"],
     }
-    del train_model, model, optimizer, ema
+    del train_model, model, optimizer, schedule, ema
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

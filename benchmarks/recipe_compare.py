@@ -1,7 +1,7 @@
 """The paper's optimiser recipe against a dataset's short-run recipe, trained side by side with the same
 budget on the same real shards; one table per dataset.
 
-    python -m ops.benchmarks.recipe_compare --data-dir ../shared/data --dataset tiny-imagenet
+    python -m benchmarks.recipe_compare --data-dir ../shared/data --dataset tiny-imagenet
         [--recipes short,paper] [--epochs N] [--seed 0] [--out runs/recipes] [--json rows.json]
         [--per-class-train N --per-class-test N] [key=value ...]
 
@@ -23,17 +23,13 @@ validation split, with one binomial standard error. Prints the table and one JSO
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.common import REPO_ROOT, Run, parse_real_data_args, real_data_parser, report, train_runs
 
 CONFIGS = {"cifar10": "cifar10.yaml", "tiny-imagenet": "tiny-imagenet.yaml"}
 PAPER_RECIPE = REPO_ROOT / "configs" / "imagenet.yaml"
@@ -76,90 +72,80 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ops.benchmarks.recipe_compare", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=os.environ.get("REAL_DATA_DIR"),
-        help="folder with cifar10-jpg.tar.gz / tiny-imagenet-100.tar.gz (default $REAL_DATA_DIR)",
+def parse_args(argv: list[str] | None):
+    parser = real_data_parser(
+        "python -m benchmarks.recipe_compare",
+        __doc__,
+        archives="cifar10-jpg.tar.gz / tiny-imagenet-100.tar.gz",
+        out=None,
+        out_help="runs/recipes-<dataset>",
     )
     parser.add_argument("--dataset", choices=sorted(CONFIGS), default="cifar10")
     parser.add_argument(
         "--recipes", default="short,paper", help=f"comma list of {', '.join(RECIPES)} (default: short,paper)"
     )
     parser.add_argument("--epochs", type=int, default=None, help="epochs per recipe (default: the config's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--out", default=None, help="shards, checkpoints, MLflow (default runs/recipes-<dataset>)"
-    )
-    parser.add_argument("--per-class-train", type=int, default=None, help="subset for smoke runs")
-    parser.add_argument("--per-class-test", type=int, default=None, help="subset for smoke runs")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("overrides", nargs="*", help="section.key=value for every recipe")
-    args = parser.parse_args(argv)
-    if not args.data_dir:
-        parser.error("--data-dir (or REAL_DATA_DIR) must name the folder holding the archives")
+    args = parse_real_data_args(parser, argv, "the archives")
     if args.epochs is not None and args.epochs < 1:
         parser.error("--epochs must be >= 1")
-    names = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = [r for r in names if r not in RECIPES]
-    if unknown or not names:
+    args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown or not args.recipes:
         parser.error(f"--recipes: unknown {unknown}; choose from {', '.join(RECIPES)}")
+    return args
 
-    from orchestration.console import quiet_defaults
 
-    quiet_defaults()  # before Ray and MLflow are imported
-    from ops.benchmarks.real_data import build_real_shards, report, train_in_turn
+def row(name: str, t, args) -> dict:
+    """One recipe's figures (in %), with the settings that tell the recipes apart."""
     from ops.evaluate import binomial_stderr
-    from orchestration.config import ConfigError, load_config
-    from orchestration.train import init_ray
 
+    m, cfg = t.metrics, t.cfg
+    n = int(m["val_count"])
+    out = {"recipe": name, "dataset": args.dataset, "images": n, "seed": args.seed}
+    for key in ("top1", "top5", "ema_top1", "ema_top5"):
+        out[key] = 100 * m.get(f"val_{key}", float("nan"))
+    out["top1_se"] = 100 * binomial_stderr(out["top1"] / 100, n)
+    out["ema_top1_se"] = 100 * binomial_stderr(out["ema_top1"] / 100, n)
+    out.update(
+        epochs=int(m["epoch"]),
+        wall_min=t.wall_min,
+        images_per_s=m.get("train_images_per_sec", float("nan")),
+        lr=cfg.optim.lr,
+        eps=cfg.optim.eps,
+        clip=f"{cfg.optim.clip_grad_norm} {cfg.optim.clip_mode}",
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     out = Path(args.out or REPO_ROOT / "runs" / f"recipes-{args.dataset}").resolve()
     config = REPO_ROOT / "configs" / CONFIGS[args.dataset]
     try:
-        shards = build_real_shards(
-            args.dataset, args.data_dir, out / "shards", args.per_class_train, args.per_class_test
-        )
-        configs = []
-        for name in names:
-            run = f"{name}-seed{args.seed}" + (f"-e{args.epochs}" if args.epochs else "")
-            overrides = [
-                *RECIPES[name](),
-                f"data.shards={shards}",
-                f"seed={args.seed}",
-                f"checkpoint.storage_path={out / 'runs'}",
-                f"checkpoint.name={run}",
-                f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
-                f"tracking.experiment=recipes-{args.dataset}",
-                *([f"schedule.epochs={args.epochs}"] if args.epochs else []),
-                *args.overrides,
-            ]
-            configs.append((name, load_config(config, overrides, root=str(REPO_ROOT))))
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        runs = [
+            Run(
+                f"{args.dataset}: recipe {name}",
+                config,
+                (
+                    *RECIPES[name](),
+                    f"seed={args.seed}",
+                    f"checkpoint.storage_path={out / 'runs'}",
+                    f"checkpoint.name={name}-seed{args.seed}" + (f"-e{args.epochs}" if args.epochs else ""),
+                    f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+                    f"tracking.experiment=recipes-{args.dataset}",
+                    *([f"schedule.epochs={args.epochs}"] if args.epochs else []),
+                ),
+            )
+            for name in args.recipes
+        ]
+    except (FileNotFoundError, ValueError, KeyError) as exc:  # an unreadable paper recipe
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    init_ray(None, None)
-    rows = []
     started = time.perf_counter()
-    runs = [(f"{args.dataset}: recipe {name}", cfg) for name, cfg in configs]
-    for (name, _), (_, cfg, m, wall_min) in zip(configs, train_in_turn(runs, REPO_ROOT), strict=True):
-        n = int(m["val_count"])
-        row = {"recipe": name, "dataset": args.dataset, "images": n, "seed": args.seed}
-        for key in ("top1", "top5", "ema_top1", "ema_top5"):
-            row[key] = 100 * m.get(f"val_{key}", float("nan"))
-        row["top1_se"] = 100 * binomial_stderr(row["top1"] / 100, n)
-        row["ema_top1_se"] = 100 * binomial_stderr(row["ema_top1"] / 100, n)
-        row.update(
-            epochs=int(m["epoch"]),
-            wall_min=wall_min,
-            images_per_s=m.get("train_images_per_sec", float("nan")),
-            lr=cfg.optim.lr,
-            eps=cfg.optim.eps,
-            clip=f"{cfg.optim.clip_grad_norm} {cfg.optim.clip_mode}",
-        )
-        rows.append(row)
+    trained = train_runs(args.dataset, args, out, runs)
+    if trained is None:
+        return 2
+    rows = [row(name, t, args) for name, t in zip(args.recipes, trained, strict=True)]
     footer = (
         f"{args.dataset} validation split ({rows[0]['images']} images, ± one standard error), "
         f"seed {args.seed}; {(time.perf_counter() - started) / 60:.1f} min in all"

@@ -1,0 +1,1 @@
+"""Benchmarks and acceptance runs on real data (``python -m benchmarks.<name> --help``)."""

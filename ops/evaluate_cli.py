@@ -1,0 +1,163 @@
+"""``inception-evaluate`` / ``python -m ops.evaluate_cli``: multi-crop evaluation of 1..N ensemble
+members from the command line, as in the paper's Tables 4-5.
+
+Run::
+
+    python -m ops.evaluate_cli --model models:/inception@champion --shards DIR --crops 1,10,144 --members 1..4
+    inception-evaluate --model runs/a/checkpoint runs/b/checkpoint --shards DIR --split val --crops 1,10
+
+The members come from a registered version (``models:/NAME@alias``, through ``ops.registry``) or from
+checkpoint folders; ``ops.evaluate.evaluate_multicrop`` fills the table, which is printed and, with
+``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``), logged to MLflow (``ops.evaluate.log_table``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from ops.evaluate import evaluate_multicrop, log_table
+from pipeline.multicrop import SUPPORTED_CROPS
+
+
+def load_members(model: Sequence[str], tracking_uri: str | None = None):
+    """``[models:/NAME@alias]`` or checkpoint dirs -> (members, class names, preprocessing dict)."""
+    from ops.checkpoint import load_checkpoint, model_from_checkpoint
+
+    if len(model) == 1 and model[0].startswith("models:/"):
+        from ops.registry import load_ensemble  # MLflow is imported only for registered models
+
+        ens = load_ensemble(model[0], tracking_uri=tracking_uri)
+        d = ens.data_config
+        return (
+            ens.members,
+            ens.class_names,
+            {"image_size": d.image_size, "val_resize": d.val_resize, "normalization": d.normalization},
+        )
+    members, names, data = [], None, None
+    for path in model:
+        payload = load_checkpoint(path)
+        members.append(model_from_checkpoint(payload, weights="ema"))
+        this = {k: payload["config"]["data"][k] for k in ("image_size", "val_resize", "normalization")}
+        if names is not None and (list(payload["class_names"]) != names or this != data):
+            raise ValueError(f"{path}: class names or preprocessing differ from {model[0]}'s")
+        names, data = list(payload["class_names"]), this
+    return members, names, data
+
+
+def parse_members(text: str) -> list[int]:
+    """ "1..4" -> [1, 2, 3, 4]; "1,2,4" -> [1, 2, 4]."""
+    try:
+        if ".." in text:
+            lo, hi = (int(x) for x in text.split(".."))
+            return list(range(lo, hi + 1))
+        return [int(x) for x in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--members {text!r}: use a range 1..N or a list 1,2,4") from exc
+
+
+def parse_crops(text: str) -> list[int]:
+    try:
+        crops = [int(x) for x in text.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--crops {text!r}: use a list such as 1,10,144") from exc
+    if any(c not in SUPPORTED_CROPS for c in crops):
+        raise argparse.ArgumentTypeError(f"--crops {text!r}: each must be one of 1, 10, 144")
+    return crops
+
+
+def parse_subset(text: str) -> tuple[int, int]:
+    """ "144=200" -> (144, 200): evaluate 144 crops on the first 200 images only."""
+    try:
+        crops, n = (int(x) for x in text.split("="))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--subset {text!r}: use CROPS=IMAGES, e.g. 144=200") from exc
+    if crops not in SUPPORTED_CROPS or n < 1:
+        raise argparse.ArgumentTypeError(f"--subset {text!r}: crops must be 1, 10 or 144 and images >= 1")
+    return crops, n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="inception-evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model",
+        nargs="+",
+        required=True,
+        help="models:/NAME@alias (or models:/NAME/VERSION), or one or more checkpoint directories",
+    )
+    p.add_argument("--shards", required=True, help="shard folder made by build-shards")
+    p.add_argument("--split", default="val")
+    p.add_argument(
+        "--crops", type=parse_crops, default=list(SUPPORTED_CROPS), help="comma list of 1, 10, 144"
+    )
+    p.add_argument(
+        "--members", type=parse_members, default=None, help="ensemble sizes: 1..N (default) or 1,2,4"
+    )
+    p.add_argument(
+        "--backend", choices=("dali", "torch"), default="dali", help="loader backend (default dali)"
+    )
+    p.add_argument(
+        "--subset",
+        type=parse_subset,
+        action="append",
+        default=[],
+        metavar="CROPS=IMAGES",
+        help="evaluate that crop setting on the first IMAGES images of the split only (the same images "
+        "for every setting), e.g. --subset 144=200; repeatable",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (fewer when crops are many)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="MLflow tracking URI to log the table to (default: $MLFLOW_TRACKING_URI; none: no logging)",
+    )
+    p.add_argument("--experiment", default="inception-evaluate")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    from ops.tracking import quiet_mlflow_console
+    from pipeline.schema import ShardFormatError, load_manifest
+
+    quiet_mlflow_console()  # no download bar per registry artifact
+
+    try:
+        shard_names = load_manifest(args.shards).class_names
+        members, names, data = load_members(args.model, args.tracking_uri)
+        if shard_names != names:
+            raise ValueError(
+                f"{args.shards}: its {len(shard_names)} classes differ from the model's {len(names)}"
+            )
+        table = evaluate_multicrop(
+            members,
+            args.shards,
+            data=data,
+            split=args.split,
+            crops=args.crops,
+            member_counts=args.members,
+            batch_size=args.batch_size,
+            backend=args.backend,
+            device=args.device,
+            progress=not args.no_progress,
+            max_images=dict(args.subset),
+        )
+    except (ValueError, RuntimeError, ShardFormatError, OSError) as exc:
+        print(f"inception-evaluate: error: {exc}", file=sys.stderr)
+        return 1
+    print(table.to_markdown())
+    if args.tracking_uri:
+        run_id = log_table(
+            table,
+            tracking_uri=args.tracking_uri,
+            model=" ".join(args.model),
+            shards=args.shards,
+            split=args.split,
+            experiment=args.experiment,
+        )
+        print(f"logged to {args.tracking_uri} run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
