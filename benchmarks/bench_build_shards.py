@@ -97,13 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     n = len(locators)
-    print(f"source: {args.source}: {n} images, {total_mb:.1f} MB; cpu cores: {os.cpu_count()}; "
-          f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f}")
-    print(f"{'workers':>7} {'build img/s':>12} {'build MB/s':>11} {'pillow img/s':>13} {'pillow MB/s':>12} "
-          f"{'build/pillow':>13} {'written':>8}")
+    print(
+        f"source: {args.source}: {n} images, {total_mb:.1f} MB; cpu cores: {os.cpu_count()}; "
+        f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'workers':>7} {'build img/s':>12} {'build MB/s':>11} {'pillow img/s':>13} {'pillow MB/s':>12} "
+        f"{'build/pillow':>13} {'written':>8}"
+    )
     for w, n_built, t_build, t_pil in rows:
-        print(f"{w:>7} {n / t_build:>12.0f} {total_mb / t_build:>11.1f} {n / t_pil:>13.0f} "
-              f"{total_mb / t_pil:>12.1f} {t_pil / t_build:>13.2f} {n_built:>8}")
+        print(
+            f"{w:>7} {n / t_build:>12.0f} {total_mb / t_build:>11.1f} {n / t_pil:>13.0f} "
+            f"{total_mb / t_pil:>12.1f} {t_pil / t_build:>13.2f} {n_built:>8}"
+        )
     print("(MB/s counts input bytes; times are wall clock, listing and writing included for build)")
     return 0
 

@@ -46,12 +46,19 @@ class Trained:
 
 
 def real_data_parser(
-    prog: str, doc: str, *, archives: str, out: str | None, out_help: str = "", rows: bool = True
+    prog: str,
+    doc: str,
+    *,
+    archives: str,
+    out: str | None,
+    out_help: str = "",
+    rows: bool = True,
+    epochs: tuple[int | None, str] | None = None,
 ) -> argparse.ArgumentParser:
     """The arguments every training benchmark takes: where the archives are, where the shards,
     checkpoints and MLflow store go, per-class subsets for smoke runs, ``section.key=value``
     overrides applied to every run and, for benchmarks that print a table of runs (``rows``), the
-    seed and ``--json`` for the rows."""
+    seed and ``--json`` for the rows; ``epochs=(default, help)`` adds ``--epochs`` per run."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     parser.add_argument(
         "--data-dir",
@@ -65,15 +72,19 @@ def real_data_parser(
     parser.add_argument("--per-class-test", type=int, default=None, help="subset for smoke runs")
     if rows:
         parser.add_argument("--json", help="also write the rows to this JSON file")
+    if epochs is not None:
+        parser.add_argument("--epochs", type=int, default=epochs[0], help=epochs[1])
     parser.add_argument("overrides", nargs="*", help="section.key=value for every run")
     return parser
 
 
 def parse_real_data_args(parser: argparse.ArgumentParser, argv: list[str] | None, archives: str):
-    """Parsed arguments; a usage error when no data folder is named."""
+    """Parsed arguments; a usage error when no data folder is named or ``--epochs`` is below 1."""
     args = parser.parse_args(argv)
     if not args.data_dir:
         parser.error(f"--data-dir (or REAL_DATA_DIR) must name the folder holding {archives}")
+    if getattr(args, "epochs", None) is not None and args.epochs < 1:
+        parser.error("--epochs must be >= 1")
     return args
 
 

@@ -79,15 +79,13 @@ def parse_args(argv: list[str] | None):
         archives="cifar10-jpg.tar.gz / tiny-imagenet-100.tar.gz",
         out=None,
         out_help="runs/recipes-<dataset>",
+        epochs=(None, "epochs per recipe (default: the config's)"),
     )
     parser.add_argument("--dataset", choices=sorted(CONFIGS), default="cifar10")
     parser.add_argument(
         "--recipes", default="short,paper", help=f"comma list of {', '.join(RECIPES)} (default: short,paper)"
     )
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per recipe (default: the config's)")
     args = parse_real_data_args(parser, argv, "the archives")
-    if args.epochs is not None and args.epochs < 1:
-        parser.error("--epochs must be >= 1")
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown or not args.recipes:

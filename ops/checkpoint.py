@@ -1,4 +1,4 @@
-"""The one checkpoint format (DESIGN.md "Checkpoint"): a directory holding ``checkpoint.pt``.
+"""The one checkpoint format (docs/architecture.md, "Checkpoint"): a directory holding ``checkpoint.pt``.
 
 Written by rank 0 of a training run, read by resume, the registry and evaluation. The directory
 is what ``ray.train.Checkpoint.from_directory`` wraps. The file holds::

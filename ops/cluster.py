@@ -6,7 +6,7 @@ Run::
     python -m ops.cluster status --state-dir runs/cluster
     python -m ops.cluster down --state-dir runs/cluster
 
-``up`` starts (sized for a 2-core machine, DESIGN.md "Facts"):
+``up`` starts (sized for a 2-core machine; docs/architecture.md, "Facts"):
 
 - a Ray head: ``ray start --head --num-cpus=2 --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1
   --temp-dir=STATE/ray`` with this virtual environment first on PATH (jobs use its Python) and
@@ -164,8 +164,8 @@ def _env() -> dict:
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # jobs and workers use this Python
     env["VIRTUAL_ENV"] = str(Path(sys.executable).parent.parent)
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # DESIGN.md facts: keeps Ray on 127.0.0.1
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # DESIGN.md facts: ~0.5 GiB instead of 2.5 GiB
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps Ray on 127.0.0.1 (docs/architecture.md)
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # ~0.5 GiB instead of 2.5 GiB
     # Ray 2.60 switches token auth on for `ray start` whenever ~/.ray/auth_token exists (any earlier
     # local ray.init() writes one), and clients then need the token. This head is bound to 127.0.0.1
     # only, so it is started without auth unless the caller chose a mode; clients use client_env().

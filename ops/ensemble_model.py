@@ -1,4 +1,4 @@
-"""The registered ensemble as an MLflow pyfunc model (DESIGN.md "Registered ensemble").
+"""The registered ensemble as an MLflow pyfunc model (docs/architecture.md, "Registered ensemble").
 
 Not run directly: ``ops.registry.register_ensemble`` logs an :class:`EnsembleModel` with one
 artifact per member (``member_<i>`` = model spec + EMA weights) and ``ensemble_config`` (class

@@ -1,4 +1,5 @@
-"""Register, promote and load the ensemble in the MLflow model registry (DESIGN.md "Registered ensemble").
+"""Register, promote and load the ensemble in the MLflow model registry
+(docs/architecture.md, "Registered ensemble").
 
 Used from Python (``register_ensemble``, ``promote``, ``load``), from the ``inception-registry``
 console script (``ops.registry_cli``), and by the end of an ensemble training job.
@@ -42,7 +43,7 @@ DEFAULT_EXPERIMENT = "inception-registry"
 MODEL_CODE = Path(__file__).with_name("ensemble_model_code.py")  # the pyfunc, logged as code
 ENSEMBLE_CONFIG_VERSION = 1
 # Packages the served model imports. torch is a floor, never a local "+cpu" build, so a GPU
-# machine keeps its CUDA wheel and a CPU machine installs the CPU one (DESIGN.md facts).
+# machine keeps its CUDA wheel and a CPU machine installs the CPU one (docs/architecture.md).
 PIP_REQUIREMENTS = [
     "torch>=2.4",
     "numpy>=1.24",

@@ -73,7 +73,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     machine's external address, reachable by anyone on the network."""
     local = not (address or os.environ.get("RAY_ADDRESS"))
     if local:
-        # read when ray is imported: node addresses come from the loopback (DESIGN.md facts)
+        # read when ray is imported: node addresses come from the loopback (docs/architecture.md, "Facts")
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 

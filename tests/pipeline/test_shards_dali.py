@@ -21,7 +21,7 @@ from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 
 
 def dali_read_all(tars: list[str], idxs: list[str], n: int) -> list[dict]:
-    @pipeline_def(batch_size=n, num_threads=1, device_id=None)  # device_id=None: CPU-only (DESIGN.md)
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None)  # None: CPU-only (docs/architecture.md)
     def pipe():
         jpg, cls, lbl, meta = fn.readers.webdataset(
             paths=tars, index_paths=idxs, ext=["jpg", "cls", "lbl", "json"],

@@ -29,45 +29,32 @@ def train_state(ctx: Context, num_classes: int, seed: int, total_steps: int, cha
     return build_train_state(model, optim, ScheduleConfig(), base_lr=optim.lr, steps_per_epoch=total_steps)
 
 
-def losses(state, loader, s, epoch: int, steps: int, global_step: int) -> list[float]:
-    """Per-step training losses of ``steps`` steps of ``epoch`` (logged every step)."""
+def train_epoch(state, loader, s, global_step: int, on_log) -> tuple[dict, int]:
+    """``orchestration.loop.train_one_epoch`` on a ``TrainState`` (no wrapper: one process)."""
     from orchestration.loop import train_one_epoch
 
+    st = state
+    return train_one_epoch(
+        st.model, loader, st.optimizer, st.schedule, st.ema, st.model, s, global_step, on_log=on_log
+    )
+
+
+def losses(state, loader, s, epoch: int, steps: int, global_step: int) -> list[float]:
+    """Per-step training losses of ``steps`` steps of ``epoch`` (logged every step)."""
     out: list[float] = []
     loader.set_epoch(epoch)
-    train_one_epoch(
-        state.model,
-        loader,
-        state.optimizer,
-        state.schedule,
-        state.ema,
-        state.model,
-        replace(s, max_steps=steps, log_every=1),
-        global_step,
-        on_log=lambda m, _step: out.append(m["train/loss"]),
-    )
+    settings = replace(s, max_steps=steps, log_every=1)
+    train_epoch(state, loader, settings, global_step, lambda m, _step: out.append(m["train/loss"]))
     return out
 
 
 def throughput(ctx: Context, state, loader, s, setting) -> tuple[dict, int]:
     """One epoch of ``e2e_steps`` steps: the epoch's and the steady (after the first log window)
     images/s and loader-wait fraction."""
-    from orchestration.loop import train_one_epoch
-
     z = ctx.sizes
     windows = []
     log(f"end-to-end: {z.e2e_steps} steps of {z.e2e_batch} ({setting.name})")
-    metrics, step = train_one_epoch(
-        state.model,
-        loader,
-        state.optimizer,
-        state.schedule,
-        state.ema,
-        state.model,
-        s,
-        0,
-        on_log=lambda m, k: windows.append(m),
-    )
+    metrics, step = train_epoch(state, loader, s, 0, lambda m, _step: windows.append(m))
     steady = windows[1:] or windows
     figures = {
         "setting": setting.name,
