@@ -309,6 +309,7 @@ def _crop_pass(
         seen += labels.shape[0]
         if limit is not None and seen >= limit:
             break
+    loader.close()
     if seen == 0:
         raise ValueError(f"split {split!r} of {shards} yielded no images")
     return (

@@ -266,8 +266,9 @@ def train_one_epoch(
 def evaluate(model: nn.Module, loader: Iterable, s: LoopSettings) -> dict[str, float]:
     """Top-1 / top-5 accuracy and (smoothing-free) cross-entropy over the loader, summed across ranks.
 
-    The eval loader yields every sample exactly once across ranks (pipeline contract 3), so the
-    reduced counts are the whole split (or ``max_eval_batches`` per rank in smoke runs).
+    The eval loader yields every usable sample exactly once across ranks (docs/architecture.md,
+    "Data order"), so the reduced counts are the whole split less its quarantined samples (or
+    ``max_eval_batches`` per rank in smoke runs).
     """
     model.eval()
     correct1 = correct5 = loss_sum = count = 0.0

@@ -13,8 +13,9 @@
 Checkpoints are taken at epoch ends and, with ``checkpoint.every_steps``, every N steps inside an
 epoch. Positions count the samples the whole job has consumed, so a resume may use another number
 of workers (``data.global_batch`` keeps the global batch, and with it the schedule, the same).
-Corrupt samples quarantined by any rank are shared by all ranks at every checkpoint and epoch end,
-kept in checkpoints, and logged to MLflow as ``data/quarantine.json``.
+Corrupt samples quarantined by any rank, in the training or the validation split, are shared by all
+ranks at every checkpoint and epoch end, kept in checkpoints, and logged to MLflow as
+``data/quarantine.json`` (a record's shard names its split).
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ class WorkerRun:
                 payload, *self.state.parts(), rank=rank, world_size=self.world_size
             )
             self.start_position = int(data_state.get("position", 0))
-            self.train_loader.quarantine.merge(data_state.get("quarantine", []))
+            for loader in (self.train_loader, self.val_loader):  # each takes its own split's records
+                loader.quarantine.merge(data_state.get("quarantine", []))
             print(
                 f"[rank {rank}] resumed from {source}: epoch {self.start_epoch}, step {self.global_step}, "
                 f"position {self.start_position} of the epoch's sample order",
@@ -259,6 +261,8 @@ class WorkerRun:
             )
             metrics = {"epoch": epoch + 1, "step": self.global_step, **train_metrics, **self._validate()}
             self._save_and_report(metrics, epoch + 1, self.global_step, 0, epoch_end=True)
+        self.train_loader.close()
+        self.val_loader.close()
         if self.rank == 0:  # metrics kept during an MLflow outage: delivered now, or reported as lost
             self.tracker.flush(final=True, attempts=3, wait_s=5.0)
 
@@ -269,7 +273,6 @@ class WorkerRun:
             "val_top5": val["top5"],
             "val_loss": val["loss"],
             "val_count": val["count"],
-            "quarantined": len(self.train_loader.quarantine),
         }
         if self.state.ema is not None:
             val_ema = evaluate(self.state.ema.module, self.val_loader, self.s)
@@ -287,28 +290,40 @@ class WorkerRun:
             mid = {"epoch": epoch, "step": step, "position": loader.position}
             self._save_and_report(mid, epoch, step, loader.position, epoch_end=False)
 
+    def quarantined(self) -> list[dict]:
+        """The training split's quarantine records, then the validation split's."""
+        return self.train_loader.quarantine.to_list() + self.val_loader.quarantine.to_list()
+
     def _share_quarantine(self) -> None:
-        """Every rank's quarantined samples to every rank (identical orders from the next epoch on)."""
-        quarantine = self.train_loader.quarantine
-        records = quarantine.to_list()
+        """Every rank's quarantined samples, of both splits, to every rank: identical training orders
+        from the next epoch on, and one record of everything left out, checkpointed and logged."""
+        records = self.quarantined()
         if dist.is_available() and dist.is_initialized():
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, records)
             records = [r for part in gathered for r in part]
-        quarantine.merge(records)
-        if self.rank == 0 and len(quarantine) != self.logged_quarantine:
-            self.logged_quarantine = len(quarantine)
-            self.tracker.log_text(json.dumps(quarantine.to_list(), indent=1), "data/quarantine.json")
+        for loader in (self.train_loader, self.val_loader):  # each takes its own split's records
+            loader.quarantine.merge(records)
+        records = self.quarantined()
+        if self.rank == 0 and len(records) != self.logged_quarantine:
+            self.logged_quarantine = len(records)
+            self.tracker.log_text(json.dumps(records, indent=1), "data/quarantine.json")
 
     def _save_and_report(self, metrics: dict, epochs_done: int, step: int, position: int, epoch_end: bool):
         """Rank 0 writes the checkpoint; every rank reports (Ray Train needs every rank's report)."""
         import ray.train
 
         self._share_quarantine()
+        if epoch_end:  # after sharing: what every rank left out so far
+            metrics = {
+                **metrics,
+                "quarantined": len(self.train_loader.quarantine),
+                "val_quarantined": len(self.val_loader.quarantine),
+            }
         rng_states = gather_rng_states()
         data_state = {
             "position": position,
-            "quarantine": self.train_loader.quarantine.to_list(),
+            "quarantine": self.quarantined(),
             "manifest_sha256": self.data_sha,
             "global_batch": self.global_batch,
         }

@@ -50,6 +50,9 @@ class DataConfig:
     # Undecodable samples found at read time: false = a named error; true = quarantine them (named once,
     # replaced in their batch by a deterministic substitute, left out of later epochs, kept in checkpoints)
     skip_corrupt: bool = False
+    # Tars a reader keeps open at once (the least recently used is closed first): bounded, so that
+    # ImageNet's 12,800 shards never exhaust a process's open files (each DataLoader worker has its own)
+    open_shards: int = 32
     # >0: a fixed global batch; each rank's batch is global_batch / world_size (batch_size is then
     # ignored), so a resume with another number of workers continues the same schedule exactly
     global_batch: int = 0
@@ -69,6 +72,7 @@ class DataConfig:
             "val_resize": self.val_resize >= self.image_size,
             "num_threads": self.num_threads >= 1,
             "prefetch": self.prefetch >= 1,
+            "open_shards": self.open_shards >= 1,
             "global_batch": self.global_batch >= 0,
             "crop_area": 0 < self.crop_area[0] <= self.crop_area[1] <= 1,
             "crop_aspect": 0 < self.crop_aspect[0] <= self.crop_aspect[1],

@@ -1,4 +1,4 @@
-"""The DALI backend of ``make_loader``: reads each sample's JPEG bytes by offset from memory-mapped
+"""The DALI backend of ``make_loader``: reads each sample's JPEG bytes by offset from the
 tars in the order of ``pipeline.order`` and feeds them to a DALI pipeline through
 ``fn.external_source`` (GPU "mixed" decoding where the loader has a CUDA device, CPU operators
 otherwise); turns DALI failures into errors that name the shard and key, or quarantines the sample.
@@ -61,7 +61,8 @@ class Feeder:
     them (``DaliLoader.prepare``: offsets, frame headers, crop windows) up to ``LOOKAHEAD`` batches
     ahead, so that DALI's calls, made from the iterating thread, only hand over ready arrays; DALI
     reads those arrays in place (``no_copy``), so the last few batches are kept alive here.
-    ``sent[k]`` holds the samples of batch ``k``."""
+    ``sent[k]`` holds the samples and labels of batch ``k`` from DALI's call until the batch is
+    yielded. An evaluation batch whose every sample turned out damaged is skipped (``skipped``)."""
 
     LOOKAHEAD = 4
 
@@ -76,7 +77,7 @@ class Feeder:
 
     def reset(self, batches: list[Batch], first: int = 0) -> None:
         self.stop()
-        self.batches, self.next, self.sent = batches, first, {}
+        self.batches, self.next, self.sent, self.skipped = batches, first, {}, []
         self.error: BaseException | None = None
         self._error_at = -1
         self._ready: dict[int, tuple] = {}
@@ -119,20 +120,25 @@ class Feeder:
                 self._cv.notify_all()
 
     def __call__(self):
-        if self.next >= len(self.batches):
-            raise StopIteration
-        k = self.next
-        with self._cv:
-            while k not in self._ready and self._error_at != k:
-                self._cv.wait()
-            if k not in self._ready:
-                raise self.error  # DALI wraps it; DaliLoader re-raises ours
-            ids, outputs = self._ready.pop(k)
-            self.next += 1
-            self._cv.notify_all()
-        self.sent[k] = ids
-        self._alive.append(outputs)
-        return outputs
+        while True:
+            if self.next >= len(self.batches):
+                raise StopIteration
+            k = self.next
+            with self._cv:
+                while k not in self._ready and self._error_at != k:
+                    self._cv.wait()
+                if k not in self._ready:
+                    raise self.error  # DALI wraps it; DaliLoader re-raises ours
+                prepared = self._ready.pop(k)
+                self.next += 1
+                self._cv.notify_all()
+            if prepared is None:  # nothing left of this evaluation batch
+                self.skipped.append(k)
+                continue
+            ids, labels, outputs = prepared
+            self.sent[k] = (ids, labels)
+            self._alive.append(outputs)
+            return outputs
 
 
 class DaliLoader(OrderedLoader):
@@ -168,17 +174,18 @@ class DaliLoader(OrderedLoader):
 
     # --- feeding --------------------------------------------------------------------------------
     def prepare(self, batch: Batch):
-        """``(sample indices, external_source outputs)`` of one batch (called by the ``Feeder``)."""
-        ids, jpegs, anchors, shapes, mirrors, colors = [], [], [], [], [], []
+        """``(sample indices, labels, external_source outputs)`` of one batch (called by the
+        ``Feeder``); None for an evaluation batch whose samples are all quarantined."""
+        ids, labels, jpegs, anchors, shapes, mirrors, colors = [], [], [], [], [], [], []
         for i, pos in zip(batch.ids, batch.positions, strict=True):
             while True:
                 j = self.resolve(i, int(pos))
                 if j is None:
                     break  # evaluation: a quarantined sample is left out
-                buf = self.reader.jpeg(j)
                 try:
+                    buf, label = self.reader.sample(j)
                     height, width = jpeg_size(buf)
-                except ValueError as exc:
+                except ValueError as exc:  # no frame header, or a tar that shrank while it was read
                     self.bad_sample(j, exc)  # raises unless skip_corrupt; then i resolves anew
                     i = j
                     continue
@@ -186,6 +193,7 @@ class DaliLoader(OrderedLoader):
             if j is None:
                 continue
             ids.append(j)
+            labels.append(label)
             jpegs.append(np.frombuffer(buf, dtype=np.uint8))
             if self.mode == "train":
                 top, left, h, w, mirror = self.crop(int(pos), height, width)
@@ -196,6 +204,8 @@ class DaliLoader(OrderedLoader):
                     brightness, saturation = self.color(int(pos))
                     colors.append((brightness / 255.0, saturation))
         if not ids:
+            if self.mode != "train":
+                return None  # evaluation leaves damaged samples out, here all of them
             raise CorruptSampleError(f"every sample of batch {batch.step} of split {self.split!r} is damaged")
         if self.mode == "train":  # uniform per-sample values go as one array each (one conversion)
             outputs = (
@@ -207,8 +217,8 @@ class DaliLoader(OrderedLoader):
             if self.cfg.color_distortion:
                 c = np.asarray(colors, dtype=np.float32)
                 outputs += (np.ascontiguousarray(c[:, 0]), np.ascontiguousarray(c[:, 1]))
-            return ids, outputs
-        return ids, jpegs
+            return ids, labels, outputs
+        return ids, labels, jpegs
 
     # --- iteration ------------------------------------------------------------------------------
     def _build(self):
@@ -245,26 +255,37 @@ class DaliLoader(OrderedLoader):
         finally:
             self._feeder.stop()  # an abandoned pass: its preparing thread ends here
 
+    def close(self) -> None:
+        """Stop the feeder, drop the pipeline and close the tars (a later pass rebuilds what it needs)."""
+        self._feeder.stop()
+        self._complete = False
+        self._batches = self._pipe = None
+        super().close()
+
     def _iterate(self):
         batches = self.plan()
-        k = 0  # next batch to yield
+        k = 0  # the first batch not yet yielded (or skipped): where a pass resumes after a failure
         while k < len(batches):
             try:
                 self._start(batches, k)
                 for out in self._batches:
-                    ids = self._feeder.sent.pop(k)
+                    k = min(self._feeder.sent)  # DALI returns batches in the order it asked for them
+                    ids, labels = self._feeder.sent.pop(k)
                     images = self._convert(out[0]["images"])
-                    labels = torch.tensor([self.reader.label(i) for i in ids], dtype=torch.int64)
                     self.advanced(batches[k], ids)
                     k += 1
-                    yield images, labels.to(self.device, non_blocking=True)
+                    yield images, torch.tensor(labels, dtype=torch.int64).to(self.device, non_blocking=True)
                 self._complete = True
             except RuntimeError as exc:
                 if self._feeder.error is not None:  # ours, raised in the callback (DALI wraps it)
                     raise self._feeder.error from None
                 self._handle_failure(exc, batches, k)  # raises unless a culprit was quarantined
-        if k != len(batches):
-            raise RuntimeError(f"DALI pipeline on rank {self.rank} ended after {k} of {len(batches)} batches")
+                continue
+            if self._feeder.next != len(batches) or self._feeder.sent:
+                raise RuntimeError(
+                    f"DALI pipeline on rank {self.rank} ended after {k} of {len(batches)} batches"
+                )
+            k = len(batches)  # the batches after the last yielded one were skipped
 
     def _convert(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -283,7 +304,7 @@ class DaliLoader(OrderedLoader):
         self._complete = False
         self._batches = self._pipe = None  # batches in flight: the next attempt builds afresh
         what = dali_error_summary(exc)
-        sent = [ids for step, ids in sorted(self._feeder.sent.items()) if step >= k]
+        sent = [ids for step, (ids, _) in sorted(self._feeder.sent.items()) if step >= k]
         bad = self.find_corrupt([i for ids in sent for i in ids])
         if bad is None:
             raise RuntimeError(
@@ -299,7 +320,7 @@ class DaliLoader(OrderedLoader):
 
         def source():
             current[:] = [queue.pop(0)]
-            return [np.frombuffer(self.reader.jpeg(current[0]), dtype=np.uint8)]
+            return [np.frombuffer(self.reader.sample(current[0])[0], dtype=np.uint8)]
 
         pipe = decode_check_pipeline(
             source=source,

@@ -1,6 +1,6 @@
 """DALI pipeline definitions of the read side: one ``@pipeline_def`` per mode (train, eval,
 multi-crop), each fed by ``fn.external_source`` with the JPEG bytes that ``pipeline.dali_loader``
-reads by offset from memory-mapped tars in the order of ``pipeline.order`` (and, in training, each
+reads by offset from the tars in the order of ``pipeline.order`` (and, in training, each
 sample's crop window and mirror flag, which are functions of its position in that order).
 
 Library module, no CLI (``pipeline.dali_loader`` builds and iterates these; the benchmark
@@ -148,7 +148,7 @@ def train_pipeline(spec: PipelineSpec, source):
         source=source,
         num_outputs=6 if spec.color else 4,
         batch=True,
-        no_copy=True,  # the arrays are views of memory-mapped tars, kept alive by the feeder
+        no_copy=True,  # the arrays wrap the bytes read for the batch, kept alive by the feeder
         dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32] + [types.FLOAT] * (2 if spec.color else 0),
     )
     return train_images(*outputs[:4], spec, *outputs[4:])

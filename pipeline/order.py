@@ -8,8 +8,9 @@ quarantine) are ``pipeline.samples``; the random parameters of each position are
   ``(data.seed, e)`` and the table, independent of the world size; quarantined samples are left out.
   Global step ``t`` consumes positions ``[t*G, (t+1)*G)`` with ``G = batch_size * world_size`` and
   rank ``r`` takes the ``batch_size`` slice ``r`` of it. Training drops the tail that does not fill
-  a global batch. Evaluation reads manifest order, rank ``r`` the range ``[n*r//W, n*(r+1)//W)``,
-  so every sample is seen exactly once across ranks. A position in an epoch is the number of
+  a global batch. Evaluation reads manifest order, rank ``r`` the range ``[n*r//W, n*(r+1)//W)`` of
+  the whole split (quarantined samples are left out where read, so no range moves), so every usable
+  sample is seen exactly once across ranks. A position in an epoch is the number of
   samples the whole job has consumed, so it survives a change of world size (elastic resume).
 - A sample that fails to decode is quarantined (``pipeline.samples.Quarantine``) and replaced in its
   batch by ``SampleOrder.substitute`` (deterministic), so every rank yields the same number of
@@ -85,15 +86,21 @@ class SampleOrder:
         return self.batch_size * self.world_size
 
     def epoch_ids(self, epoch: int) -> np.ndarray:
-        """Every sample read in the epoch, in order (all ranks together). Training leaves out the
-        samples quarantined before the epoch began (those found during it are substituted, so the
-        positions of the epoch never move); evaluation leaves out every quarantined sample."""
-        excluded = self.quarantine.ids(before_epoch=epoch if self.train else None)
-        key = (epoch if self.train else -1, len(excluded))
+        """Every sample of the epoch, in order (all ranks together).
+
+        Training leaves out the samples found damaged in an earlier epoch: the ranks share their
+        records at every epoch end, so all of them leave out the same ones. Samples found during the
+        epoch are substituted (the epoch's positions never move), and so are those found before
+        training (a tar cut short on this node only: the other nodes' copies may be whole, and every
+        rank must count the same epoch). Evaluation lists the whole split in manifest order; its
+        quarantined samples are left out where they are read (``batches``)."""
+        if not self.train:
+            return np.arange(len(self.table), dtype=np.int64)
+        excluded = self.quarantine.ids(before_epoch=epoch)
+        key = (epoch, len(excluded))
         if self._cache is not None and self._cache[:2] == key:
             return self._cache[2]
-        n = len(self.table)
-        ids = epoch_permutation(self.seed, epoch, n) if self.train else np.arange(n, dtype=np.int64)
+        ids = epoch_permutation(self.seed, epoch, len(self.table))
         if len(excluded):
             ids = ids[~np.isin(ids, excluded)]
         self._cache = (*key, ids)
@@ -102,39 +109,43 @@ class SampleOrder:
     def steps(self, epoch: int, start: int = 0) -> int:
         """Train: global steps of the epoch from position ``start`` (full global batches only).
         Eval: this rank's batches."""
-        n = len(self.epoch_ids(epoch))
         if self.train:
-            return max(n - start, 0) // self.global_batch
-        lo, hi = self.eval_range(n)
-        return math.ceil((hi - lo) / self.batch_size)
+            return max(len(self.epoch_ids(epoch)) - start, 0) // self.global_batch
+        return math.ceil(len(self._eval_ids()) / self.batch_size)
 
     def num_samples(self, epoch: int) -> int:
         """Samples this rank yields in a whole epoch."""
         if self.train:
             return self.steps(epoch) * self.batch_size
-        lo, hi = self.eval_range(len(self.epoch_ids(epoch)))
-        return hi - lo
+        return len(self._eval_ids())
 
     def eval_range(self, n: int) -> tuple[int, int]:
         w, r = self.world_size, self.rank
         return n * r // w, n * (r + 1) // w
 
+    def _eval_ids(self) -> np.ndarray:
+        """This rank's evaluation samples: its range of the whole split, so that ranges never move
+        whatever any rank has quarantined, less the quarantined samples it knows of. Every usable
+        sample is read exactly once across ranks in every pass."""
+        lo, hi = self.eval_range(len(self.table))
+        ids = np.arange(lo, hi, dtype=np.int64)
+        known = self.quarantine.ids()
+        return ids[~np.isin(ids, known)] if len(known) else ids
+
     def batches(self, epoch: int, start: int = 0) -> list[Batch]:
         """This rank's batches of an epoch from global position ``start`` (samples the whole job has
-        consumed in that epoch; any number after an elastic resume)."""
-        ids = self.epoch_ids(epoch)
+        consumed in that epoch; any number after an elastic resume). An evaluation position is the
+        sample's place in manifest order."""
         b = self.batch_size
+        if not self.train:
+            ids = self._eval_ids()
+            return [Batch(ids[a : a + b], ids[a : a + b], t) for t, a in enumerate(range(0, len(ids), b))]
+        ids = self.epoch_ids(epoch)
+        g = self.global_batch
         out = []
-        if self.train:
-            g = self.global_batch
-            for t in range(self.steps(epoch, start)):
-                lo = start + t * g + self.rank * b
-                out.append(Batch(ids[lo : lo + b], np.arange(lo, lo + b), t))
-            return out
-        lo, hi = self.eval_range(len(ids))
-        for t, a in enumerate(range(lo, hi, b)):
-            z = min(a + b, hi)
-            out.append(Batch(ids[a:z], np.arange(a, z), t))
+        for t in range(self.steps(epoch, start)):
+            lo = start + t * g + self.rank * b
+            out.append(Batch(ids[lo : lo + b], np.arange(lo, lo + b), t))
         return out
 
     def substitute(self, epoch: int, position: int) -> int:
@@ -152,15 +163,16 @@ class SampleOrder:
 
 def check_split_size(order: SampleOrder, split: str, shards: str) -> None:
     """A split too small for one global batch (train) or for one sample per rank (eval): one line."""
-    if order.steps(0) == 0:
-        what = (
-            f"one global batch ({order.batch_size} x {order.world_size} rank(s) = {order.global_batch})"
-            if order.train
-            else f"{order.world_size} rank(s)"
-        )
+    if order.train and order.steps(0) == 0:
         raise ShardFormatError(
-            f"split {split!r} of {shards} has {len(order.epoch_ids(0))} usable samples: fewer than {what}; "
+            f"split {split!r} of {shards} has {len(order.epoch_ids(0))} usable samples: fewer than one "
+            f"global batch ({order.batch_size} x {order.world_size} rank(s) = {order.global_batch}); "
             "lower data.batch_size or add data"
+        )
+    if not order.train and len(order.table) < order.world_size:
+        raise ShardFormatError(
+            f"split {split!r} of {shards} has {len(order.table)} samples: fewer than "
+            f"{order.world_size} rank(s); lower data.batch_size or add data"
         )
 
 
@@ -183,7 +195,7 @@ class OrderedLoader:
             self.table, self.quarantine, cfg.seed, cfg.batch_size, rank, world_size, train=mode == "train"
         )
         check_split_size(self.order, split, cfg.shards)
-        self.reader = SampleReader(self.table)
+        self.reader = SampleReader(self.table, cfg.open_shards)
         self.class_names = list(self.table.class_names)
         self.batch_size = cfg.batch_size
         self.rank, self.world_size = rank, world_size
@@ -195,6 +207,10 @@ class OrderedLoader:
     @property
     def num_samples(self) -> int:
         return self.order.num_samples(self.epoch)
+
+    def close(self) -> None:
+        """Close the tars this loader has open (reading again reopens them)."""
+        self.reader.close()
 
     def __len__(self) -> int:
         """Batches of a whole epoch (training: global steps; the same on every rank)."""

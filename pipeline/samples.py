@@ -1,4 +1,4 @@
-"""A split's samples and how they are read: the sample table, the memory-mapped reader and the
+"""A split's samples and how they are read: the sample table, the reader and the
 quarantine of samples that failed to decode.
 
 Library module, no CLI. ``pipeline.order`` builds the order on top of these; both loader backends
@@ -7,16 +7,19 @@ read JPEG bytes and labels through ``SampleReader``.
 - ``SampleTable``: the usable samples of a split in manifest order, from the DALI index files
   (tar, key, byte offsets of the JPEG and of the label); samples cut off by a short tar are marked.
   Samples that ``build-shards`` skipped were never written, so they never enter the table.
-- ``SampleReader``: JPEG bytes and labels by sample index, from memory-mapped tars.
+- ``SampleReader``: JPEG bytes and labels by sample index, read from the tars (a bounded set open).
 - ``Quarantine``: samples that failed to decode at read time, with where and why. Records name the
   shard and the key, so they survive a resume (checkpoints hold them) and travel between ranks.
 """
 
 from __future__ import annotations
 
-import mmap
+import os
 import struct
+import threading
 import warnings
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +35,16 @@ from pipeline.schema import (
     truncated_samples,
 )
 
+MAX_OPEN_TARS = 32  # files a reader keeps open (data.open_shards); the least recently used closes first
+SPAN_SLACK = 1 << 16  # a sample's JPEG and label are read at once when they lie this close together
+
 
 class CorruptSampleError(RuntimeError):
     """A sample could not be decoded at read time; the message names the shard and the key."""
+
+
+class ShardTruncatedError(ValueError):
+    """A read past the end of a tar: the file is shorter than its index says (cut, or shrinking)."""
 
 
 def corrupt_sample_error(key: str, tar: str, reason: object) -> CorruptSampleError:
@@ -79,6 +89,13 @@ class SampleTable:
                     f"{idx} lists {len(entries)} samples, the manifest {sh.count}: "
                     "rebuild or re-index the shards"
                 )
+            size = os.stat(tar).st_size
+            if sh.bytes and size > sh.bytes:  # shorter: the cut samples are named below
+                raise ShardFormatError(
+                    f"{Path(tar).name} is {size} bytes but the manifest says {sh.bytes}: this is not the "
+                    f"shard the manifest describes (another file, or another build's); copy the shard "
+                    f"folder again or rebuild it (`verify-shards {shards}` names every such file)"
+                )
             cut = dict(truncated_samples(tar, idx, entries))
             for sample in entries:
                 key = sample[0][3].partition(".")[0]
@@ -113,80 +130,148 @@ class SampleTable:
 
 
 class SampleReader:
-    """JPEG bytes and labels by sample index, from memory-mapped tars (no copy until asked)."""
+    """JPEG bytes and labels by sample index, read with ``pread`` from the split's tars.
 
-    def __init__(self, table: SampleTable) -> None:
-        self.table = table
-        self._maps: dict[int, mmap.mmap] = {}
+    At most ``max_open`` tars are open at once (the least recently used is closed first): ImageNet at
+    100 samples per shard is 12,800 tars, more than a process may hold open. ``pread`` copies a
+    sample's bytes (a memory map handed out views instead): a tar that shrinks under a running loader
+    then gives a short read, reported as the sample's ``truncated`` error, where a mapped page past
+    the new end would kill the process with SIGBUS. One read per sample: its JPEG and its label lie
+    next to each other in the tar. Safe to use from several threads; ``close()`` closes every file
+    (as does garbage collection)."""
 
-    def _map(self, t: int) -> mmap.mmap:
-        m = self._maps.get(t)
-        if m is None:
-            with open(self.table.tars[t], "rb") as f:
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[t] = m
-        return m
+    def __init__(self, table: SampleTable, max_open: int = MAX_OPEN_TARS) -> None:
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
+        self.table, self.max_open = table, max_open
+        self._fds: OrderedDict[int, int] = OrderedDict()  # tar index -> descriptor, oldest use first
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
 
-    def jpeg(self, i: int) -> memoryview:
+    def _read(self, t: int, offset: int, size: int) -> bytes:
+        with self._lock:  # a descriptor is never closed (and its number reused) while it is read
+            fd = self._fds.pop(t, None)
+            if fd is None:
+                fd = os.open(self.table.tars[t], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                while len(self._fds) >= self.max_open:
+                    os.close(self._fds.popitem(last=False)[1])
+            self._fds[t] = fd
+            data = os.pread(fd, size, offset)
+        if len(data) != size:
+            end = offset + len(data)
+            raise ShardTruncatedError(
+                f"truncated: its data ends at byte {offset + size} but {Path(self.table.tars[t]).name} "
+                f"ends at byte {end} (the file shrank while it was read)"
+            )
+        return data
+
+    def sample(self, i: int) -> tuple[bytes, int]:
+        """``(JPEG bytes, label)`` of sample ``i``."""
+        (jo, js), (lo, ls) = self.table.jpg[i], self.table.lbl[i]
+        if ls != 4:
+            raise ValueError(f"label of {ls} bytes, expected 4")
+        start, end = min(jo, lo), max(jo + js, lo + ls)
+        if end - start > js + SPAN_SLACK:  # far apart (another writer's layout): two reads
+            return self.jpeg(i), self.label(i)
+        data = self._read(int(self.table.tar_of[i]), int(start), int(end - start))
+        return data[jo - start : jo - start + js], struct.unpack_from("<i", data, lo - start)[0]
+
+    def jpeg(self, i: int) -> bytes:
         off, size = self.table.jpg[i]
-        return memoryview(self._map(int(self.table.tar_of[i])))[off : off + size]
+        return self._read(int(self.table.tar_of[i]), int(off), int(size))
 
     def label(self, i: int) -> int:
         off, size = self.table.lbl[i]
-        raw = self._map(int(self.table.tar_of[i]))[off : off + size]
         if size != 4:
             raise ValueError(f"label of {size} bytes, expected 4")
-        return struct.unpack("<i", raw)[0]
+        return struct.unpack("<i", self._read(int(self.table.tar_of[i]), int(off), 4))[0]
+
+    def open_files(self) -> int:
+        return len(self._fds)
 
     def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
+        with self._lock:
+            _close_fds(self._fds)
 
-    def __getstate__(self):  # DataLoader workers map the tars themselves
-        return {"table": self.table, "_maps": {}}
+    def __getstate__(self):  # a spawned DataLoader worker opens the tars itself
+        return {"table": self.table, "max_open": self.max_open}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["table"], state["max_open"])
+
+
+def _close_fds(fds: OrderedDict) -> None:
+    while fds:
+        try:
+            os.close(fds.popitem()[1])
+        except OSError:
+            pass
 
 
 # --- quarantine -------------------------------------------------------------------------------------
 class Quarantine:
-    """Samples excluded after failing to decode: sample index -> ``{"shard", "key", "reason"}``."""
+    """Samples excluded after failing to decode: sample index -> ``{"shard", "key", "reason", "epoch"}``
+    (``epoch``: where it was found; -1 before training, from a tar cut short on this node).
+
+    The DALI feeder thread adds records while the training thread reads, shares and merges them: every
+    access holds a lock (``records`` is the live dict; iterate ``to_list()``)."""
 
     def __init__(self, table: SampleTable) -> None:
         self.table = table
         self.records: dict[int, dict[str, str]] = {}
+        self._lock = threading.RLock()
 
     def __contains__(self, i: int) -> bool:
-        return int(i) in self.records
+        return int(i) in self.records  # one dict lookup: atomic
 
     def __len__(self) -> int:
         return len(self.records)
 
     def ids(self, before_epoch: int | None = None) -> np.ndarray:
-        """Quarantined samples (those found before ``before_epoch`` when given)."""
-        ids = sorted(i for i, r in self.records.items() if before_epoch is None or r["epoch"] < before_epoch)
+        """Quarantined samples; with ``before_epoch``, those found in an epoch before it (samples found
+        before training, ``epoch`` -1, are not among them: see ``SampleOrder.epoch_ids``)."""
+        with self._lock:
+            ids = sorted(
+                i for i, r in self.records.items() if before_epoch is None or 0 <= r["epoch"] < before_epoch
+            )
         return np.asarray(ids, dtype=np.int64)
 
     def add(self, i: int, reason: str, epoch: int = -1) -> bool:
         """Record sample ``i``, found in ``epoch`` (-1: before training); True when it is new."""
-        if int(i) in self.records:
-            return False
         shard, key = self.table.name(int(i))
-        self.records[int(i)] = {"shard": shard, "key": key, "reason": str(reason)[:300], "epoch": int(epoch)}
-        return True
+        with self._lock:
+            if int(i) in self.records:
+                return False
+            self.records[int(i)] = {
+                "shard": shard,
+                "key": key,
+                "reason": str(reason)[:300],
+                "epoch": int(epoch),
+            }
+            return True
 
     def to_list(self) -> list[dict[str, str]]:
-        return [self.records[i] for i in sorted(self.records)]
+        with self._lock:
+            return [dict(self.records[i]) for i in sorted(self.records)]
 
     def merge(self, records: list[dict[str, str]]) -> int:
         """Add records made elsewhere (another rank, a checkpoint); returns how many were new. Records
         of samples this split does not hold (another split's) are ignored."""
         new = 0
-        for rec in records:
-            i = self.table.find(rec["shard"], rec["key"])
-            if i is not None and i not in self.records:
-                self.records[i] = {**rec, "epoch": int(rec.get("epoch", -1))}
-                new += 1
+        with self._lock:
+            for rec in records:
+                i = self.table.find(rec["shard"], rec["key"])
+                if i is not None and i not in self.records:
+                    self.records[i] = {**rec, "epoch": int(rec.get("epoch", -1))}
+                    new += 1
         return new
+
+    def __getstate__(self):  # locks do not travel to spawned DataLoader workers
+        return {"table": self.table, "records": self.to_list()}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["table"])
+        self.merge(state["records"])
 
 
 def prepare_table(table: SampleTable, quarantine: Quarantine, skip_corrupt: bool) -> None:

@@ -1,7 +1,8 @@
 """The ``torch`` backend of ``make_loader``: Pillow decoding in a ``DataLoader`` with
-``cfg.num_threads`` worker processes, reading each sample by offset from memory-mapped tars in the
-order of ``pipeline.order``. The baseline the loader benchmark compares DALI with (it reads the same
-order), and the fallback where DALI is missing. No DALI import.
+``cfg.num_threads`` worker processes, reading each sample by offset from the tars
+(``pipeline.samples.SampleReader``) in the order of ``pipeline.order``. The baseline the loader
+benchmark compares DALI with (it reads the same order), and the fallback where DALI is missing. No
+DALI import.
 
 Library module, no CLI. The batch sampler hands the workers this rank's batches of the epoch (from
 the start position), so the ``DataLoader`` yields them in order. Workers return uint8 HWC crops; the
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.augment import distort_color
 from pipeline.multicrop import apply_plan, crop_plan, normalize
 from pipeline.order import OrderedLoader
+from pipeline.samples import ShardTruncatedError
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -47,9 +49,9 @@ class OrderedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _image(self, i: int, position: int) -> np.ndarray:
+    def _image(self, jpeg: bytes, position: int) -> np.ndarray:
         ld = self.loader
-        img = Image.open(io.BytesIO(ld.reader.jpeg(i))).convert("RGB")
+        img = Image.open(io.BytesIO(jpeg)).convert("RGB")
         if ld.mode != "train":
             out = apply_plan(img, ld.plan_windows, ld.cfg.image_size)
             return out[0] if ld.mode == "eval" else out
@@ -67,12 +69,20 @@ class OrderedDataset(Dataset):
             j = ld.resolve(i, int(pos))
             while j is not None:
                 try:
-                    images.append(self._image(j, int(pos)))
-                    labels.append(ld.reader.label(j))
+                    jpeg, label = ld.reader.sample(j)
+                    images.append(self._image(jpeg, int(pos)))
+                    labels.append(label)
                     ids.append(j)
                     break
                 except DECODE_ERRORS as exc:
-                    bad.append((j, f"{type(exc).__name__}: {exc}"))
+                    bad.append(
+                        (
+                            j,
+                            str(exc)
+                            if isinstance(exc, ShardTruncatedError)
+                            else f"{type(exc).__name__}: {exc}",
+                        )
+                    )
                     if not ld.cfg.skip_corrupt:
                         break  # the main process raises the named error
                     ld.quarantine.add(j, str(exc), ld.epoch)  # this worker's copy: pick another substitute
@@ -104,10 +114,16 @@ class TorchLoader(OrderedLoader):
             prefetch_factor=self.cfg.prefetch,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,  # workers are forked per pass and see the current quarantine
+            # The workers' base seed comes from this generator, not from the global torch RNG: a pass
+            # started after a resume must leave the training's random streams (dropout) where the
+            # checkpoint put them. Nothing in a worker is random (crops are functions of the position).
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
         for k, (images, labels, ids, bad) in enumerate(loader):
             for i, reason in bad:
                 self.bad_sample(int(i), reason)  # raises unless skip_corrupt
+            if len(ids) == 0:  # an evaluation batch whose every sample is damaged: nothing to yield
+                continue
             self.advanced(batches[k], ids.tolist())
             if self.mode == "multicrop":  # [B, K, S, S, 3] -> [B*K, S, S, 3]
                 images = images.reshape(-1, *images.shape[2:])

@@ -129,12 +129,23 @@ def test_changed_shards_are_refused_before_a_resume(
         run_training(other, REPO)
 
 
+def _zero_scan(shards: Path, table: SampleTable, i: int) -> None:
+    """Zero sample ``i``'s JPEG scan data in place (its header intact, so DALI fails on its data)."""
+    offset, size = (int(v) for v in table.jpg[i])
+    tar = shards / Path(table.tars[int(table.tar_of[i])]).name
+    data = bytearray(tar.read_bytes())
+    sos = bytes(data[offset : offset + size]).index(b"\xff\xda") + 20  # into the start of scan
+    data[offset + sos : offset + size] = bytes(size - sos)  # zeros: "Input file read error" in DALI
+    tar.write_bytes(bytes(data))
+
 
 def test_corrupt_sample_is_quarantined_by_all_ranks(ray_2cpu, tiny_cifar_shards, tmp_path):
-    """A JPEG whose scan data is zeroed inside a real shard (its header intact, so DALI fails on its
-    data, not on its header): training
-    completes, both ranks run every step with full batches, the sample is named once, replaced in its
-    batch, absent from epoch 2, kept in the checkpoint and logged to MLflow."""
+    """A training sample and a validation sample whose scan data is zeroed inside real shards:
+    training completes, both ranks run every step with full batches, the training sample is named
+    once, replaced in its batch and absent from epoch 2; the validation sample, in rank 1's range, is
+    left out and every other one read exactly once in every pass (before: rank 1's range moved in
+    its next pass and one sample was read twice); both are shared by the ranks, kept in the
+    checkpoint and logged to MLflow."""
     import shutil
 
     from mlflow import MlflowClient
@@ -145,12 +156,10 @@ def test_corrupt_sample_is_quarantined_by_all_ranks(ray_2cpu, tiny_cifar_shards,
     shutil.copytree(tiny_cifar_shards, shards)
     table = SampleTable.load(str(shards), "train")
     bad = int(epoch_permutation(0, 0, len(table))[10])  # read in the second step of epoch 1
-    offset, size = (int(v) for v in table.jpg[bad])
-    tar = shards / Path(table.tars[int(table.tar_of[bad])]).name
-    data = bytearray(tar.read_bytes())
-    sos = bytes(data[offset : offset + size]).index(b"\xff\xda") + 20  # into the start of scan
-    data[offset + sos : offset + size] = bytes(size - sos)  # zeros: "Input file read error" in DALI
-    tar.write_bytes(bytes(data))
+    _zero_scan(shards, table, bad)
+    val = SampleTable.load(str(shards), "val")
+    bad_val = len(val) * 3 // 4  # in rank 1's half of the split
+    _zero_scan(shards, val, bad_val)
     outcome = run_training(_cfg(shards, tmp_path, "quarantine", "data.skip_corrupt=true"), REPO)
     steps, lines = _trace(tmp_path, "quarantine")
     assert [len(r) for r in lines] == [14, 14] and all(len(ids) == 64 for ids, _ in steps.values())
@@ -159,10 +168,18 @@ def test_corrupt_sample_is_quarantined_by_all_ranks(ray_2cpu, tiny_cifar_shards,
     second = [i for s in range(8, 15) for i in steps[(1, s)][0]]
     assert bad not in second and len(set(second)) == len(second) == 64 * 7
     shard_name, key = table.name(bad)
+    val_shard, val_key = val.name(bad_val)
+    assert outcome.members[0].metrics["val_count"] == len(val) - 1  # the last epoch's pass
     payload = load_checkpoint(outcome.members[0].checkpoint_dir)
     records = payload["extra"]["data"]["quarantine"]
-    assert [(r["shard"], r["key"], r["epoch"]) for r in records] == [(shard_name, key, 0)]
+    assert [(r["shard"], r["key"], r["epoch"]) for r in records] == [
+        (shard_name, key, 0),
+        (val_shard, val_key, -1),
+    ]
     client = MlflowClient(outcome.tracking_uri)
     path = client.download_artifacts(outcome.members[0].run_id, "data/quarantine.json", str(tmp_path))
-    assert [r["key"] for r in json.loads(Path(path).read_text())] == [key]
-    assert client.get_run(outcome.members[0].run_id).data.metrics["quarantined"] == 1
+    assert [r["key"] for r in json.loads(Path(path).read_text())] == [key, val_key]
+    metrics = client.get_run(outcome.members[0].run_id).data.metrics
+    assert metrics["quarantined"] == 1 and metrics["val_quarantined"] == 1
+    history = client.get_metric_history(outcome.members[0].run_id, "val_count")
+    assert [m.value for m in history] == [len(val) - 1] * 2
