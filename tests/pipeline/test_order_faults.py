@@ -217,3 +217,63 @@ def test_a_cut_copy_on_one_node_keeps_every_rank_on_one_order(tmp_path):
         assert len(damaged.order.epoch_ids(epoch)) == len(healthy.order.epoch_ids(epoch)) == 40
         np.testing.assert_array_equal(damaged.order.epoch_ids(epoch), healthy.order.epoch_ids(epoch))
     assert len(damaged) == len(healthy) == 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mid_epoch_resume_repeats_the_losses_step_for_step(tmp_path, backend):
+    """Train 10 steps; resume a fresh process state from step 5 (weights, optimizer, schedule, EMA,
+    RNG state and the position in the order) and train steps 6-10 again: the same losses, to the
+    bit, on both backends (before: the torch backend's new ``DataLoader`` drew its seed from the
+    restored RNG, and dropout differed from step 6 on)."""
+    import copy
+
+    import models
+    from orchestration.config import OptimConfig, ScheduleConfig
+    from orchestration.loop import LoopSettings, train_one_epoch
+    from orchestration.resume import restore_training_state, rng_state
+    from orchestration.state import build_train_state
+
+    write_coded_shards(tmp_path, {"train": 48}, num_classes=4, shard_size=8)
+    cfg = _cfg(tmp_path, backend, batch_size=4, num_threads=1)
+    s = LoopSettings(torch.device("cpu"), None, False, (0.4,), 0.1, 2.0, "per_tensor", log_every=1)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = models.inception_v3(num_classes=4, width_mult=0.25)
+        return build_train_state(model, OptimConfig(), ScheduleConfig(), base_lr=0.01, steps_per_epoch=12)
+
+    def run(state, loader, start, steps, global_step, on_step=None):
+        losses = []
+        loader.set_epoch(0, start)
+        st = state
+        train_one_epoch(
+            st.model, loader, st.optimizer, st.schedule, st.ema, st.model,
+            LoopSettings(**{**s.__dict__, "max_steps": steps}), global_step,
+            on_log=lambda m, _k: losses.append(m["train/loss"]), on_step=on_step,
+        )  # fmt: skip
+        return losses
+
+    state, loader, saved = fresh(), make_loader(cfg, "train", 0, 1, "cpu"), {}
+
+    def snapshot(step, _loss):
+        if step == 5:
+            saved["payload"] = copy.deepcopy(
+                {
+                    "model": state.model.state_dict(),
+                    "optimizer": state.optimizer.state_dict(),
+                    "scheduler": state.schedule.state_dict(),
+                    "ema": state.ema.state_dict(),
+                    "epoch": 0,
+                    "step": step,
+                    "extra": {"rng": [rng_state()], "ema_updates": state.ema.num_updates},
+                }
+            )
+            saved["position"] = loader.position
+
+    torch.manual_seed(1)
+    expected = run(state, loader, 0, 10, 0, snapshot)
+    assert saved["position"] == 20
+    resumed = fresh()
+    restore_training_state(saved["payload"], *resumed.parts(), rank=0, world_size=1)
+    got = run(resumed, make_loader(cfg, "train", 0, 1, "cpu"), saved["position"], 5, 5)
+    assert got == expected[5:]
