@@ -165,16 +165,17 @@ class SampleReader:
             )
         return data
 
-    def sample(self, i: int) -> tuple[bytes, int]:
-        """``(JPEG bytes, label)`` of sample ``i``."""
-        (jo, js), (lo, ls) = self.table.jpg[i], self.table.lbl[i]
+    def sample(self, i: int) -> tuple[memoryview, int]:
+        """``(JPEG bytes, label)`` of sample ``i``: the JPEG a view of the bytes read (no second copy)."""
+        jo, js = (int(v) for v in self.table.jpg[i])
+        lo, ls = (int(v) for v in self.table.lbl[i])
         if ls != 4:
             raise ValueError(f"label of {ls} bytes, expected 4")
         start, end = min(jo, lo), max(jo + js, lo + ls)
         if end - start > js + SPAN_SLACK:  # far apart (another writer's layout): two reads
-            return self.jpeg(i), self.label(i)
-        data = self._read(int(self.table.tar_of[i]), int(start), int(end - start))
-        return data[jo - start : jo - start + js], struct.unpack_from("<i", data, lo - start)[0]
+            return memoryview(self.jpeg(i)), self.label(i)
+        data = self._read(int(self.table.tar_of[i]), start, end - start)
+        return memoryview(data)[jo - start : jo - start + js], struct.unpack_from("<i", data, lo - start)[0]
 
     def jpeg(self, i: int) -> bytes:
         off, size = self.table.jpg[i]
