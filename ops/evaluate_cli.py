@@ -7,8 +7,10 @@ Run::
     inception-evaluate --model runs/a/checkpoint runs/b/checkpoint --shards DIR --split val --crops 1,10
 
 The members come from a registered version (``models:/NAME@alias``, through ``ops.registry``) or from
-checkpoint folders; ``ops.evaluate.evaluate_multicrop`` fills the table, which is printed and, with
-``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``), logged to MLflow (``ops.evaluate.log_table``).
+checkpoint folders. The split is first checked against its manifest (``verify-shards``: sizes,
+sha256, members, labels, index entries) and refused if it differs; ``ops.evaluate.evaluate_multicrop``
+fills the table, which is printed and, with ``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``), logged
+to MLflow (``ops.evaluate.log_table``).
 """
 
 from __future__ import annotations
@@ -119,10 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from ops.tracking import quiet_mlflow_console
     from pipeline.schema import ShardFormatError, load_manifest
+    from pipeline.shards.verify import verified_manifest_hash
 
     quiet_mlflow_console()  # no download bar per registry artifact
 
     try:
+        verified_manifest_hash(args.shards, args.split)  # figures only for shards that are what they say
         shard_names = load_manifest(args.shards).class_names
         members, names, data = load_members(args.model, args.tracking_uri)
         if shard_names != names:

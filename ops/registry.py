@@ -296,10 +296,26 @@ def check_user_tags(tags: dict) -> None:
         )
 
 
+def verified_shards_hash(shards: str, split: str) -> str:
+    """The manifest hash of ``shards`` once every tar and index of ``split`` has been checked against
+    it (size, sha256, members, labels, index entries: ``verify_shards``): the figures the gate compares
+    are recorded only for shards that are what their manifest says. A manifest edited to match
+    doctored tars has another hash, so the gate will not compare its figures with the champion's."""
+    from pipeline.schema import ShardFormatError
+    from pipeline.shards.verify import verified_manifest_hash
+
+    try:
+        return verified_manifest_hash(shards, split)
+    except ShardFormatError as exc:
+        raise RegistryError(f"{exc}; no figure is recorded") from None
+
+
 def _evaluate_for_registry(config: dict, artifacts: dict, shards: str, split: str, batch_size: int) -> dict:
-    """Evaluate all members with the configured crops on ``shards``: the version's figures as tags."""
+    """Evaluate all members with the configured crops on ``shards`` (verified first): the version's
+    figures as tags."""
     from pipeline.schema import load_manifest, manifest_sha256
 
+    digest = verified_shards_hash(shards, split)
     manifest_names = load_manifest(shards).class_names
     if manifest_names != config["class_names"]:
         raise RegistryError(
@@ -317,8 +333,10 @@ def _evaluate_for_registry(config: dict, artifacts: dict, shards: str, split: st
         batch_size=batch_size,
     )
     m, c = len(model.members), config["crops"]
+    if manifest_sha256(shards) != digest:
+        raise RegistryError(f"{shards}: its manifest changed while it was evaluated; nothing is recorded")
     return {
-        SHARDS_TAG: manifest_sha256(shards),
+        SHARDS_TAG: digest,
         "eval.split": split,
         "eval.crops": str(c),
         "eval.num_samples": str(table.num_samples),

@@ -213,3 +213,21 @@ def verify_shards(out: str | Path, deep: bool = False, split: str | None = None,
             if not info.shards:
                 report.errors.append(f"split {name} has no shards")
     return report
+
+
+def verified_manifest_hash(out: str | Path, split: str) -> str:
+    """The sha256 of ``out``'s manifest once every tar and index of ``split`` has passed
+    ``verify_shards`` (size, sha256, members, labels, index entries); ``ShardFormatError`` naming the
+    first problems otherwise. What evaluation records as the shards it measured on."""
+    from pipeline.schema import manifest_sha256
+
+    load_manifest(out)  # a missing or unreadable manifest: its own one-line error
+    digest = manifest_sha256(out)
+    report = verify_shards(out, split=split, progress=False)
+    if not report.ok:
+        more = f" (and {len(report.errors) - 3} more)" if len(report.errors) > 3 else ""
+        raise ShardFormatError(
+            f"{out}: split {split!r} does not match its manifest: {'; '.join(report.errors[:3])}{more} "
+            f"(`verify-shards {out} --split {split}` lists them)"
+        )
+    return digest

@@ -153,3 +153,33 @@ def synthetic_shards(tmp_path_factory) -> Path:
 def checkpoints(tmp_path_factory, synthetic_shards) -> list[Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     return [make_checkpoint(root / f"member{i}", seed=i, shards=str(synthetic_shards)) for i in range(3)]
+
+
+def doctored_copy(src, dst, *, manifest_too: bool):
+    """A copy of ``src`` whose first val tar has every label rewritten to 0 (``.lbl`` and the one-digit
+    ``.cls``, same sizes: what an attacker who wants a better figure writes); ``manifest_too``: the
+    manifest's sha256 of that tar edited to match, as a careful attacker would."""
+    import dataclasses
+    import hashlib
+    import shutil
+
+    from pipeline.schema import SplitInfo, load_manifest, read_index, write_manifest
+
+    shutil.copytree(src, dst)
+    manifest = load_manifest(dst)
+    first = manifest.split("val").shards[0]
+    tar = dst / first.tar
+    data = bytearray(tar.read_bytes())
+    for sample in read_index(dst / first.index)[1]:
+        for ext, offset, size, _ in sample:
+            if ext == "lbl":
+                data[offset : offset + 4] = (0).to_bytes(4, "little")
+            if ext == "cls" and size == 1:
+                data[offset] = ord("0")
+    tar.write_bytes(bytes(data))
+    if manifest_too:
+        info = manifest.split("val")
+        edited = dataclasses.replace(first, sha256=hashlib.sha256(data).hexdigest())
+        splits = {**manifest.splits, "val": SplitInfo((edited, *info.shards[1:]), info.skipped, info.params)}
+        write_manifest(dst, dataclasses.replace(manifest, splits=splits))
+    return dst

@@ -183,6 +183,16 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, checkpoints, capsys):
     assert parse_members("1..4") == [1, 2, 3, 4] and parse_members("1,3") == [1, 3]
 
 
+def test_cli_refuses_shards_that_differ_from_their_manifest(tmp_path, checkpoints, synthetic_shards, capsys):
+    """Before: labels rewritten inside a tar were evaluated and logged with the genuine manifest's hash."""
+    from tests.ops.conftest import doctored_copy
+
+    doctored = doctored_copy(synthetic_shards, tmp_path / "doctored", manifest_too=False)
+    assert main(["--model", str(checkpoints[0]), "--shards", str(doctored), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "val-000000.tar: sha256 differs from the manifest" in err
+
+
 def test_paired_difference_and_standard_errors_by_hand():
     # 4 images; cell (1, 10) misses images 2 and 3, cell (1, 1) misses images 1, 2 and 3
     hits = {(1, 1): torch.tensor([1, 0, 0, 0], dtype=torch.bool), (1, 10): torch.tensor([1, 1, 0, 0]).bool()}

@@ -26,6 +26,7 @@ from tests.ops.conftest import (
     CLASSES,
     IMAGE_SIZE,
     VAL_RESIZE,
+    doctored_copy,
     jpeg_bytes,
     members_of,
     read_split,
@@ -343,3 +344,28 @@ def test_evaluate_cli_on_registered_model_reproduces_version_figure(reg, synthet
     # same members, crops, shards and loader as at registration: the same figure
     assert run.data.metrics["top1_error_m2_c10"] == pytest.approx(float(tags["eval.top1_error"]), abs=1e-6)
     assert run.data.metrics["top5_error_m2_c10"] == pytest.approx(float(tags["eval.top5_error"]), abs=1e-6)
+
+
+def test_doctored_evaluation_shards_cannot_fool_the_gate(reg, checkpoints, synthetic_shards, tmp_path):
+    """Before: labels rewritten inside the val tar, manifest untouched, were evaluated and recorded
+    with the genuine manifest's hash, and ``promote`` moved champion on the doctored figure."""
+    client = MlflowClient(tracking_uri=reg.uri)
+    sources = [str(checkpoints[0]), str(checkpoints[1])]
+    versions = len(client.search_model_versions(f"name='{NAME}'"))
+    doctored = doctored_copy(synthetic_shards, tmp_path / "doctored", manifest_too=False)
+    with pytest.raises(registry.RegistryError, match=r"val-000000\.tar: sha256 differs from the manifest"):
+        registry.register_ensemble(sources, NAME, tracking_uri=reg.uri, crops=10, eval_shards=str(doctored))
+    assert len(client.search_model_versions(f"name='{NAME}'")) == versions  # nothing registered
+    # the manifest edited to match: verified, but recorded under its own hash, never the genuine one
+    name = "doctored-gate"
+    client.create_registered_model(name)
+    genuine = client.get_model_version(NAME, "1")
+    champion = _version_with(
+        client, name, genuine, {k: v for k, v in genuine.tags.items() if k.startswith("eval.")}
+    )
+    assert registry.promote(name, champion, tracking_uri=reg.uri).promoted
+    edited = doctored_copy(synthetic_shards, tmp_path / "edited", manifest_too=True)
+    mv = registry.register_ensemble(sources, name, tracking_uri=reg.uri, crops=10, eval_shards=str(edited))
+    assert mv.tags["eval.shards_sha256"] == manifest_sha256(edited) != manifest_sha256(synthetic_shards)
+    decision = registry.promote(name, mv.version, tracking_uri=reg.uri)
+    assert not decision.promoted and "different shards" in decision.reason
