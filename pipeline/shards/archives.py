@@ -134,14 +134,31 @@ def _gunzip_to_temp(path: str, temp_dirs: list[str]) -> str:
     return target
 
 
-def _walk_folder(root: Path, out: dict[str, Locator], dirs: set[str], ignored: list[dict]) -> None:
-    stack = [root]
+def _walk_folder(
+    root: Path, out: dict[str, Locator], dirs: set[str], ignored: list[dict], allowed: tuple[Path, ...] = ()
+) -> None:
+    """Every file under ``root``. A link is followed only when it resolves inside ``root`` (or an
+    ``allowed`` root); one that leaves them is listed in ``ignored``, and a linked folder still names
+    its class (empty), so that the class table does not shift."""
+    stack, roots = [root], (root, *allowed)
     while stack:
         folder = stack.pop()
         with os.scandir(folder) as it:
             for entry in it:
                 if entry.name.startswith(".") or entry.name == "__MACOSX":
                     continue
+                if entry.is_symlink():
+                    target = Path(os.path.realpath(entry.path))
+                    if not any(target == r or target.is_relative_to(r) for r in roots):
+                        rel = Path(entry.path).relative_to(root).as_posix()
+                        if entry.is_dir(follow_symlinks=True):
+                            dirs.add(rel)
+                        ignored.append({
+                            "source": rel,
+                            "reason": f"outside {root}: a link to {target}; not read (pass --allow-outside "
+                            "ROOT to read files under ROOT)",
+                        })
+                        continue
                 if entry.is_dir(follow_symlinks=True):
                     stack.append(Path(entry.path))
                     dirs.add(Path(entry.path).relative_to(root).as_posix())
@@ -153,8 +170,9 @@ def _walk_folder(root: Path, out: dict[str, Locator], dirs: set[str], ignored: l
                         out[rel] = Locator(entry.path, 0, entry.stat().st_size)
 
 
-def open_collection(source: str | Path) -> Collection:
-    """Index a folder or tar archive (``.tar``, ``.tar.gz``, ``.tgz``, nested per-class tars)."""
+def open_collection(source: str | Path, allow_outside=()) -> Collection:
+    """Index a folder or tar archive (``.tar``, ``.tar.gz``, ``.tgz``, nested per-class tars);
+    ``allow_outside``: roots a folder's links may lead into."""
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"source {source} does not exist")
@@ -164,7 +182,8 @@ def open_collection(source: str | Path) -> Collection:
     ignored: list[dict] = []
     try:
         if source.is_dir():
-            _walk_folder(source.resolve(), files, dirs, ignored)
+            allowed = tuple(Path(r).resolve() for r in allow_outside)
+            _walk_folder(source.resolve(), files, dirs, ignored, allowed)
             return Collection(
                 str(source.resolve()), dict(sorted(files.items())), False, dirs, temp_dirs, ignored
             )

@@ -181,6 +181,8 @@ def build_shards(
     shorter_side: int | None = None,
     quality: int = DEFAULT_QUALITY,
     allow_empty_classes: bool = False,
+    labels_are: str = "auto",
+    allow_outside: tuple[str, ...] | list[str] = (),
     progress: bool = True,
     on_shard_written: Callable[[ShardRecord], None] | None = None,
 ) -> Manifest:
@@ -207,7 +209,8 @@ def build_shards(
     existing = prepare_out(out)
     disc = discover(source, format, labels=labels, classes_file=classes, words_file=words,
                     existing_classes=existing.classes if existing else (),
-                    allow_empty_classes=allow_empty_classes, subdir=subdir)
+                    allow_empty_classes=allow_empty_classes, subdir=subdir, labels_are=labels_are,
+                    allow_outside=allow_outside)
     try:
         disc.classes = check_classes(disc.classes, existing, split)
         options = {"format": disc.format, "seed": seed, "shard_size": shard_size,

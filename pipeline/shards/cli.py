@@ -47,6 +47,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality of re-encoded images")
     p.add_argument("--allow-empty-classes", action="store_true",
                    help="accept classes of the class list that have no image in this split")
+    p.add_argument("--labels-are", choices=("auto", "index", "name"), default="auto",
+                   help="labels of a list: class indices (0..N-1), class names, or auto: decided only "
+                   "when every row agrees")
+    p.add_argument("--allow-outside", action="append", default=[], metavar="ROOT",
+                   help="also read files under ROOT that list rows or folder links point to (by default "
+                   "anything outside SOURCE's folder is refused and listed as skipped); repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -60,6 +66,7 @@ def build_main(argv: list[str] | None = None) -> int:
             max_shard_bytes=args.max_shard_bytes,
             seed=args.seed, workers=args.workers, max_side=args.max_side, shorter_side=args.shorter_side,
             quality=args.quality, allow_empty_classes=args.allow_empty_classes,
+            labels_are=args.labels_are, allow_outside=args.allow_outside,
             progress=not args.no_progress,
         )
     except (SourceError, FileNotFoundError, PermissionError) as exc:

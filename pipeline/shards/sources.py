@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,23 +168,66 @@ def _read_labels_text(labels: str | None, collection: Collection | None, root_hi
     )
 
 
-def _labelled(rows, where, resolve, classes_file, words_file, existing):
+LABEL_KINDS = ("auto", "index", "name")
+SKIP = object()  # what ``resolve`` returns for a row it refused (and listed as skipped itself)
+
+
+def _is_index(label: str) -> bool:
+    return re.fullmatch(r"\d+", label) is not None
+
+
+def label_kind(rows, where: str, labels_are: str = "auto") -> str:
+    """``"index"`` (every label a class index: a whole number from 0) or ``"name"``. ``auto`` decides
+    only when every row agrees: one odd row (``-1``, a typo such as ``7a``) would otherwise turn a
+    list of indices into class names sorted as text and shift every index."""
+    if labels_are not in LABEL_KINDS:
+        raise SourceError(f"unknown --labels-are {labels_are!r}; choose one of {', '.join(LABEL_KINDS)}")
+    if labels_are == "name":
+        return "name"
+    if labels_are == "index" or _is_index(rows[0][2]):
+        odd = next(((n, lab) for n, _, lab in rows if not _is_index(lab)), None)
+        if odd is None:
+            return "index"
+        lineno, lab = odd
+        first = rows[0]
+        why = "--labels-are index" if labels_are == "index" else f"line {first[0]}: {first[2]!r} is one"
+        raise SourceError(
+            f"{where}: line {lineno}: {lab!r} is not a class index (a whole number from 0; {why}); fix the "
+            "row, or pass --labels-are name to read every label as a class name"
+        )
+    odd = next(((n, lab) for n, _, lab in rows if _is_index(lab)), None)
+    if odd is not None:
+        raise SourceError(
+            f"{where}: line {odd[0]}: {odd[1]!r} is a class index but line {rows[0][0]}'s {rows[0][2]!r} "
+            "is a class name; pass --labels-are name (numbers are then names too) or --labels-are index"
+        )
+    return "name"
+
+
+def _labelled(rows, where, resolve, classes_file, words_file, existing, labels_are="auto"):
+    """``(labelled rows, classes)``. A split added to a folder maps its labels through the folder's
+    class table (by name; indices too when that table was made of numbers), so every split of a
+    folder numbers its classes alike."""
+    kind = label_kind(rows, where, labels_are)
     labels = [lab for _, _, lab in rows]
-    numeric = all(re.fullmatch(r"\d+", lab) for lab in labels)
-    if numeric and classes_file is None and existing:
+    if existing and classes_file is None:
         classes = existing
-    elif numeric and classes_file is None:
+    elif kind == "index" and classes_file is None:
         classes = make_classes([str(i) for i in range(max(int(x) for x in labels) + 1)], None, words_file)
     else:
         classes = make_classes(sorted(set(labels)), classes_file, words_file)
     index = {c.name: c.index for c in classes}
+    numbered = existing and classes_file is None and all(_is_index(c.name) for c in classes)
+    by_name = kind == "name" or numbered
     labelled, missing, bad_label, seen = [], [], [], {}
     for lineno, path, lab in rows:
-        label = int(lab) if numeric else index.get(lab, -1)
+        label = index.get(lab, -1) if by_name else int(lab)
         if not 0 <= label < len(classes):
             bad_label.append(f"line {lineno}: {lab!r}")
             continue
         found = resolve(path)
+        if found is SKIP:
+            continue
         if found is None:
             missing.append(f"line {lineno}: {path}")
             continue
@@ -202,7 +246,9 @@ def _labelled(rows, where, resolve, classes_file, words_file, existing):
     return labelled, classes
 
 
-def _labelled_collection(fmt, collection, labels, classes_file, words_file, existing, allow_empty):
+def _labelled_collection(
+    fmt, collection, labels, classes_file, words_file, existing, allow_empty, labels_are="auto"
+):
     text, where = _read_labels_text(labels, collection, collection.root)
     rows = _parse_rows(text, where)
     stems: dict[str, str | None] = {}
@@ -216,7 +262,7 @@ def _labelled_collection(fmt, collection, labels, classes_file, words_file, exis
             rel = stems.get(rel)  # Kaggle's ImageId has no extension
         return (rel, collection.files[rel]) if rel else None
 
-    labelled, classes = _labelled(rows, where, resolve, classes_file, words_file, existing)
+    labelled, classes = _labelled(rows, where, resolve, classes_file, words_file, existing, labels_are)
     listed = {rel for rel, _, _ in labelled}
     label_names = {labels, *ROOT_LABEL_FILES} if labels else set(ROOT_LABEL_FILES)
     skipped = [
@@ -227,19 +273,39 @@ def _labelled_collection(fmt, collection, labels, classes_file, words_file, exis
     return _finish(fmt, classes, labelled, skipped, collection, allow_empty)
 
 
-def _csv_file(path: Path, classes_file, words_file, existing, allow_empty) -> Discovery:
+def outside_reason(where: str, target: str) -> str:
+    return (
+        f"outside {where}: resolves to {target}; not read (pass --allow-outside ROOT to read files "
+        "under ROOT)"
+    )
+
+
+def within(path: Path, roots) -> bool:
+    return any(path == r or path.is_relative_to(r) for r in roots)
+
+
+def _csv_file(
+    path: Path, classes_file, words_file, existing, allow_empty, labels_are, allow_outside
+) -> Discovery:
     rows = _parse_rows(path.read_text(encoding="utf-8"), str(path))
     base = path.resolve().parent
+    roots = (base, *(Path(r).resolve() for r in allow_outside))
+    outside = []
 
     def resolve(p: str):
-        full = Path(p) if Path(p).is_absolute() else base / p
+        # links and ".." resolved without opening anything: a row must not make us read a file
+        # outside the list's folder (or a root the user allowed)
+        full = Path(os.path.realpath(Path(p) if Path(p).is_absolute() else base / p))
+        if not within(full, roots):
+            outside.append({"source": p, "reason": outside_reason(f"{base} (the list's folder)", str(full))})
+            return SKIP
         if not full.is_file():
             return None
         rel = full.relative_to(base).as_posix() if full.is_relative_to(base) else str(full)
         return rel, Locator(str(full), 0, full.stat().st_size)
 
-    labelled, classes = _labelled(rows, str(path), resolve, classes_file, words_file, existing)
-    return _finish("csv", classes, labelled, [], None, allow_empty)
+    labelled, classes = _labelled(rows, str(path), resolve, classes_file, words_file, existing, labels_are)
+    return _finish("csv", classes, labelled, outside, None, allow_empty)
 
 
 def discover(
@@ -252,8 +318,13 @@ def discover(
     existing_classes: tuple[ClassInfo, ...] = (),
     allow_empty_classes: bool = False,
     subdir: str | None = None,
+    labels_are: str = "auto",
+    allow_outside: tuple[str, ...] | list[str] = (),
 ) -> Discovery:
-    """Find every image of SOURCE with its label; raise :class:`SourceError` on anything wrong."""
+    """Find every image of SOURCE with its label; raise :class:`SourceError` on anything wrong.
+
+    ``labels_are``: how a list's labels read (``auto``: decided only when every row agrees);
+    ``allow_outside``: roots besides SOURCE's own folder whose files list rows and links may name."""
     if fmt not in FORMATS:
         raise SourceError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     source = Path(source)
@@ -262,11 +333,13 @@ def discover(
     if source.is_file() and not is_tar_path(source) and source.suffix.lower() in (".csv", ".tsv", ".txt"):
         if fmt not in ("auto", "csv", "imagenet-val"):
             raise SourceError(f"{source} is a list file; use --format csv (or auto)")
-        return _csv_file(source, classes_file, words_file, existing_classes, allow_empty_classes)
+        return _csv_file(
+            source, classes_file, words_file, existing_classes, allow_empty_classes, labels_are, allow_outside
+        )
     if fmt == "tar" and not (source.is_file() and is_tar_path(source)):
         raise SourceError(f"--format tar needs a .tar/.tar.gz/.tgz archive, got {source}")
     try:
-        collection = open_collection(source)
+        collection = open_collection(source, allow_outside)
     except ValueError as exc:
         raise SourceError(str(exc)) from exc
     try:
@@ -280,7 +353,7 @@ def discover(
         if fmt in ("imagenet-val", "csv") or labels is not None or (fmt in ("auto", "tar") and flat):
             name = "imagenet-val" if fmt in ("auto", "tar") else fmt
             return _labelled_collection(name, collection, labels, classes_file, words_file,
-                                        existing_classes, allow_empty_classes)
+                                        existing_classes, allow_empty_classes, labels_are)
         return _imagefolder(collection, classes_file, words_file, allow_empty_classes)
     except BaseException:
         collection.close()

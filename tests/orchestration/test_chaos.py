@@ -45,6 +45,20 @@ def _wait_for(predicate, timeout: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def _hold_port(port: int):
+    """A listening socket on 127.0.0.1:``port`` (None when something already listens there)."""
+    import socket
+
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        return None
+    s.listen()
+    return s
+
+
 # ---- (a) node loss on a 2-node cluster --------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_node_cluster():
@@ -52,11 +66,17 @@ def two_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    from ops.serving import free_port
+
     start = time.monotonic()
+    # Ray's default dashboard port taken, as another Ray instance on this machine would take it:
+    # before, the cluster failed to start ("Failed to bind to 127.0.0.1:8265").
+    taken = _hold_port(8265)
     # The head runs the driver-side actors (controller, 0 CPUs); each worker node has room for one
     # training worker, so a 2-worker run spans both nodes.
     # (the head's dashboard serves the state API that Ray Train's placement-group cleaner polls)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True})
+    head = {"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     cluster.wait_for_nodes()
@@ -64,6 +84,8 @@ def two_node_cluster():
     yield cluster, nodes
     ray.shutdown()
     cluster.shutdown()
+    if taken is not None:
+        taken.close()
 
 
 @pytest.mark.slow
