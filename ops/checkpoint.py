@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,13 @@ def save_checkpoint(directory: str | Path, payload: dict[str, Any]) -> Path:
     return directory / CHECKPOINT_FILE
 
 
+def refusal_reason(exc: BaseException) -> str:
+    """What PyTorch's weights-only loader found, without its advice (load with ``weights_only=False``,
+    or allowlist the global): the things a user handed a hostile file must not do."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"the file asks to call {found.group(1)}" if found else type(exc).__name__
+
+
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(directory)
     if path.is_dir():
@@ -82,10 +90,10 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
         # whose loading would run code) is refused, so a checkpoint handed to us cannot execute code
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path}: refused: it holds objects other than tensors and plain data, and loading them "
-            f"could run code ({first[:200]}). Checkpoints written by this package never do"
+            f"could run code ({refusal_reason(exc)}). Checkpoints written by this package never do; "
+            "do not load it"
         ) from None
     except Exception as exc:  # truncated or foreign file
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({exc})") from exc

@@ -81,6 +81,32 @@ def parse_subset(text: str) -> tuple[int, int]:
     return crops, n
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def check_device(device: str | None) -> None:
+    """A device this machine has: one line instead of a traceback from deep inside torch."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: use cpu or cuda[:N]") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: use cpu or cuda[:N]")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="inception-evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -109,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         help="evaluate that crop setting on the first IMAGES images of the split only (the same images "
         "for every setting), e.g. --subset 144=200; repeatable",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (fewer when crops are many)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, help="images per batch (fewer when crops are many)"
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument(
         "--tracking-uri",
@@ -126,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_mlflow_console()  # no download bar per registry artifact
 
     try:
+        check_device(args.device)
         verified_manifest_hash(args.shards, args.split)  # figures only for shards that are what they say
         shard_names = load_manifest(args.shards).class_names
         members, names, data = load_members(args.model, args.tracking_uri)

@@ -177,7 +177,8 @@ def newest_local_checkpoint(cfg: TrainConfig, newer_than_step: int) -> Path | No
     for candidate in sorted(run_dir.glob("checkpoint_*"), reverse=True):
         try:
             step = int(load_checkpoint(candidate)["step"])
-        except CheckpointError:  # partially copied when the worker died
+        except CheckpointError as exc:  # partially copied when the worker died, or not ours at all
+            print(f"warning: skipped {candidate} while looking for the newest checkpoint: {exc}", flush=True)
             continue
         return candidate if step > newer_than_step else None
     return None

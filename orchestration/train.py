@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(checkpoint.force_data_change)",
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may follow options (--print-config a.b=1)
 
 
 def _inside_ray_working_dir_copy(path: str) -> bool:

@@ -151,6 +151,10 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
 
 
 def load_manifest(folder: str | Path) -> Manifest:
+    if not str(folder).strip():
+        raise ShardFormatError(
+            "no shard folder given (data.shards is empty): set it to a folder made by `build-shards`"
+        )
     path = Path(folder) / MANIFEST_NAME
     if not Path(folder).is_dir():
         raise ShardFormatError(f"shard folder {folder} does not exist; build it with `build-shards`")

@@ -183,6 +183,22 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, checkpoints, capsys):
     assert parse_members("1..4") == [1, 2, 3, 4] and parse_members("1,3") == [1, 3]
 
 
+def test_cli_bad_device_and_batch_size_are_one_line(tmp_path, checkpoints, synthetic_shards, capsys):
+    """Before: ``--device cuda`` on a CPU machine was a traceback; ``--batch-size 0`` was accepted."""
+    common = ["--model", str(checkpoints[0]), "--shards", str(synthetic_shards), "--no-progress"]
+    for bad in ("0", "-4"):
+        with pytest.raises(SystemExit) as exc:
+            main([*common, "--batch-size", bad])
+        assert exc.value.code == 2 and "is not a whole number >= 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*common, "--device", "cuda"]) == 1
+        err = capsys.readouterr().err
+        assert (
+            err
+            == "inception-evaluate: error: --device cuda: this machine has no CUDA GPU; use --device cpu\n"
+        )
+
+
 def test_cli_refuses_shards_that_differ_from_their_manifest(tmp_path, checkpoints, synthetic_shards, capsys):
     """Before: labels rewritten inside a tar were evaluated and logged with the genuine manifest's hash."""
     from tests.ops.conftest import doctored_copy

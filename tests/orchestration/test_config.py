@@ -16,6 +16,7 @@ from orchestration.config import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "configs" / "demo.yaml"
 
 
 def test_defaults_are_the_paper():
@@ -133,3 +134,23 @@ def test_yaml_errors(tmp_path):
     (tmp_path / "notmap.yaml").write_text("optim: 3\n")
     with pytest.raises(ConfigError, match=r"^optim: expected a mapping"):
         load_config(tmp_path / "notmap.yaml")
+
+
+def test_overrides_may_follow_print_config(capsys):
+    """Before: ``--print-config schedule.epochs=3`` was "unrecognized arguments"."""
+    from orchestration.train import main
+
+    assert main(["--config", str(DEMO), "--print-config", "schedule.epochs=3"]) == 0
+    assert "\n  epochs: 3\n" in capsys.readouterr().out
+
+
+def test_an_empty_shard_folder_is_one_line_naming_the_setting(capsys):
+    """Before: "manifest.json is missing: is  a shard folder made by `build-shards`?"."""
+    from orchestration.train import main
+
+    assert main(["--config", str(DEMO), "data.shards="]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "error: no shard folder given (data.shards is empty): set it to a folder made by `build-shards`\n"
+    )
