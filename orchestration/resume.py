@@ -143,6 +143,26 @@ def check_resume_data(cfg: TrainConfig, state: dict, data_sha: str, global_batch
         )
 
 
+def check_before_start(cfg: TrainConfig) -> None:
+    """Driver side, before any worker starts: the settings a worker would refuse (each a one-line
+    ``DataCheckError``), so that Ray does not retry them ``checkpoint.max_failures`` times with a
+    traceback each. The workers check the same again."""
+    from pipeline import load_manifest
+
+    manifest = load_manifest(cfg.data.shards)
+    if cfg.model.num_classes and cfg.model.num_classes != manifest.num_classes:
+        raise DataCheckError(
+            f"model.num_classes={cfg.model.num_classes} but the shards in {cfg.data.shards} have "
+            f"{manifest.num_classes} classes; set model.num_classes=0 to take the manifest's"
+        )
+    g = cfg.data.global_batch
+    for workers in sorted({cfg.scaling.num_workers, cfg.scaling.min_workers or cfg.scaling.num_workers}):
+        if g and g % workers:
+            raise DataCheckError(
+                f"data.global_batch={g} does not split over {workers} workers; choose a multiple"
+            )
+
+
 def check_before_resume(cfg: TrainConfig) -> None:
     """Driver side, before any worker starts: the newest checkpoint of this run name against the
     shards and the global batch of this run (the same checks the workers make, as one line)."""

@@ -1,10 +1,10 @@
 """Ray Train, driver side: the ``TorchTrainer`` that trains one model and what it leaves behind.
 
 ``fit_member(cfg, ...)`` is called by ``orchestration.ensemble`` (from ``orchestration/train.py``):
-it checks the newest checkpoint of the run against the data before any worker starts
-(``orchestration.resume.check_before_resume``), builds the ``TorchTrainer`` whose workers run
-``orchestration.worker.train_worker``, trains to the end (resuming a previous run of the same
-``checkpoint.name``) and describes the result.
+it checks the settings against the data and the newest checkpoint of the run before any worker
+starts (``orchestration.resume.check_before_start`` / ``check_before_resume``), builds the
+``TorchTrainer`` whose workers run ``orchestration.worker.train_worker``, trains to the end
+(resuming a previous run of the same ``checkpoint.name``) and describes the result.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestration.config import TrainConfig
 from orchestration.console import TRAIN_LOG_LEVEL
-from orchestration.resume import check_before_resume
+from orchestration.resume import check_before_resume, check_before_start
 from orchestration.worker import train_worker
 
 
@@ -84,6 +84,7 @@ def fit_member(
     cfg: TrainConfig, index: int, run_id: str | None, tracking_uri: str, members_after: int = 0
 ) -> MemberResult:
     """Train one model to the end (resuming a previous run of the same name) and describe the result."""
+    check_before_start(cfg)
     check_before_resume(cfg)
     result = build_trainer(cfg, run_id, tracking_uri, index, members_after).fit()
     if result.error is not None:

@@ -105,3 +105,31 @@ def test_rng_state_mapped_to_cuda_restores():
     expected = (_draws(), torch.rand(2, device="cuda").tolist())
     set_rng_state(_moved(payload))
     assert (_draws(), torch.rand(2, device="cuda").tolist()) == expected
+
+
+def test_settings_the_workers_would_refuse_fail_in_the_driver(tmp_path):
+    """Before: ``model.num_classes`` or ``data.global_batch`` mistakes failed only inside the Ray
+    workers, retried ``checkpoint.max_failures`` times with a traceback each."""
+    from orchestration.config import TrainConfig
+    from orchestration.resume import DataCheckError, check_before_start
+    from tests.pipeline.shard_fixtures import write_coded_shards
+
+    write_coded_shards(tmp_path, {"train": 8}, num_classes=4, shard_size=8)
+
+    def cfg(**sections):
+        return TrainConfig.from_dict({"data": {"shards": str(tmp_path)}, **sections})
+
+    check_before_start(cfg(model={"num_classes": 4}, scaling={"num_workers": 2}))
+    with pytest.raises(DataCheckError, match="model.num_classes=7 but the shards in .* have 4 classes"):
+        check_before_start(cfg(model={"num_classes": 7}))
+    with pytest.raises(DataCheckError, match="data.global_batch=65 does not split over 2 workers"):
+        check_before_start(
+            cfg(data={"shards": str(tmp_path), "global_batch": 65}, scaling={"num_workers": 2})
+        )
+    with pytest.raises(DataCheckError, match="data.global_batch=64 does not split over 3 workers"):
+        check_before_start(
+            cfg(
+                data={"shards": str(tmp_path), "global_batch": 64},
+                scaling={"num_workers": 4, "min_workers": 3},
+            )
+        )
