@@ -98,6 +98,24 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     print(f"connected to {where}" + (f" (dashboard {info.dashboard_url})" if info.dashboard_url else ""))
 
 
+def cluster_shortfall(cfg) -> str | None:
+    """What one model's workers ask for that the Ray cluster does not have now (None: it fits)."""
+    import ray
+
+    have = ray.cluster_resources()
+    workers = cfg.scaling.min_workers or cfg.scaling.num_workers
+    need = {"CPU": (workers * cfg.scaling.cpus_per_worker, "scaling.cpus_per_worker")}
+    if cfg.scaling.use_gpu == "on":
+        need["GPU"] = (workers * cfg.scaling.gpus_per_worker, "scaling.gpus_per_worker")
+    for kind, (amount, key) in need.items():
+        if have.get(kind, 0) < amount:
+            return (
+                f"the job needs {amount:g} {kind}s ({workers} worker(s) x {key}={amount / workers:g}) "
+                f"but the Ray cluster has {have.get(kind, 0):g}; lower {key} or scaling.num_workers"
+            )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_defaults()  # before Ray and MLflow are imported: one line per epoch, no library chatter
@@ -130,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
 
         load_manifest(cfg.data.shards)  # fail fast, before Ray starts, on a missing shard folder
         init_ray(args.address, args.num_cpus)
+        short = cluster_shortfall(cfg)
+        if short and not (args.address or os.environ.get("RAY_ADDRESS")):  # our own instance: no autoscaler
+            print(f"error: {short} (or start it with more: --num-cpus)", file=sys.stderr)
+            return 2
+        if short:  # a cluster may have an autoscaler: say so, then wait as Ray does
+            print(f"warning: {short}; the job waits until the cluster has them", file=sys.stderr)
         # --root is the user's checkout under `ray job submit` (the job runs in a copy without .git)
         outcome = run_training(cfg, args.root or REPO_ROOT)
     except (ShardFormatError, CheckpointError, DataCheckError) as exc:

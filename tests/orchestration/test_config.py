@@ -154,3 +154,28 @@ def test_an_empty_shard_folder_is_one_line_naming_the_setting(capsys):
         err
         == "error: no shard folder given (data.shards is empty): set it to a folder made by `build-shards`\n"
     )
+
+
+@pytest.mark.slow
+def test_a_local_run_asking_for_more_cpus_than_it_has_is_one_line(tmp_path):
+    """Before: ``configs/imagenet.yaml`` on a laptop (8 CPUs per worker) waited forever, printing a
+    ``WorkerGroupStartupTimeoutError`` traceback every minute."""
+    import subprocess
+    import sys
+
+    from tests.pipeline.shard_fixtures import write_coded_shards
+
+    write_coded_shards(tmp_path / "shards", {"train": 8, "val": 4}, num_classes=4, shard_size=8)
+    cmd = [sys.executable, str(REPO / "orchestration" / "train.py"), "--config", str(DEMO), "--num-cpus", "2"]
+    args = [
+        f"data.shards={tmp_path / 'shards'}",
+        f"checkpoint.storage_path={tmp_path}",
+        "scaling.cpus_per_worker=8",
+    ]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: the job needs 16 CPUs (2 worker(s) x scaling.cpus_per_worker=8) but the Ray cluster has 2; "
+        "lower scaling.cpus_per_worker or scaling.num_workers (or start it with more: --num-cpus)"
+    )
