@@ -134,6 +134,11 @@ def _gunzip_to_temp(path: str, temp_dirs: list[str]) -> str:
     return target
 
 
+def within(path: Path, roots) -> bool:
+    """``path`` (resolved) is one of ``roots`` or lies under one of them."""
+    return any(path.is_relative_to(r) for r in roots)
+
+
 def _walk_folder(
     root: Path, out: dict[str, Locator], dirs: set[str], ignored: list[dict], allowed: tuple[Path, ...] = ()
 ) -> None:
@@ -149,7 +154,7 @@ def _walk_folder(
                     continue
                 if entry.is_symlink():
                     target = Path(os.path.realpath(entry.path))
-                    if not any(target == r or target.is_relative_to(r) for r in roots):
+                    if not within(target, roots):
                         rel = Path(entry.path).relative_to(root).as_posix()
                         if entry.is_dir(follow_symlinks=True):
                             dirs.add(rel)

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.schema import ClassInfo
-from pipeline.shards.archives import Collection, Locator, is_tar_path, open_collection, sub_collection
+from pipeline.shards.archives import (
+    Collection,
+    Locator,
+    is_tar_path,
+    open_collection,
+    sub_collection,
+    within,
+)
 from pipeline.shards.classes import SourceError, make_classes
 
 FORMATS = ("auto", "imagefolder", "imagenet-val", "csv", "tar")
@@ -278,10 +285,6 @@ def outside_reason(where: str, target: str) -> str:
         f"outside {where}: resolves to {target}; not read (pass --allow-outside ROOT to read files "
         "under ROOT)"
     )
-
-
-def within(path: Path, roots) -> bool:
-    return any(path == r or path.is_relative_to(r) for r in roots)
 
 
 def _csv_file(
