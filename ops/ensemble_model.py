@@ -3,28 +3,25 @@
 Not run directly: ``ops.registry.register_ensemble`` logs an :class:`EnsembleModel` with one
 artifact per member (``member_<i>`` = model spec + EMA weights) and ``ensemble_config`` (class
 names, preprocessing, crops); ``mlflow.pyfunc.load_model("models:/NAME@champion")`` and
-``mlflow models serve`` load it back. ``load_context`` builds every member once; ``predict`` runs
-per request: decode + crop (``pipeline.multicrop.preprocess_images``), every member on every crop,
-softmax, mean over crops and members per image.
+``inception-serve`` (``ops.serving``) load it back. ``load_context`` builds every member once;
+``predict`` runs per request: decode + crop (``pipeline.multicrop.preprocess_images``), every
+member on every crop, softmax, mean over crops and members per image.
 
-Request format for ``mlflow models serve -m models:/NAME@champion --env-manager local -h 127.0.0.1 -p 5001``
-(POST ``/invocations``, ``Content-Type: application/json``). The input is one DataFrame column
-``image`` holding JPEG (or PNG) file bytes; in JSON, binary columns are base64 strings::
+Request format for ``inception-serve --model models:/NAME@champion`` (``ops.serving``; POST
+``/invocations``, ``Content-Type: application/json``; MLflow's scoring protocol). The input is one
+DataFrame column ``image`` holding JPEG (or PNG) file bytes; in JSON, binary columns are base64 strings::
 
     {"dataframe_split": {"columns": ["image"], "data": [["<base64 JPEG>"], ["<base64 JPEG>"]]},
      "params": {"top_k": 5}}
 
     {"dataframe_records": [{"image": "<base64 JPEG>"}], "params": {"top_k": 3}}
 
-e.g. ``curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d
-"{\\"dataframe_records\\": [{\\"image\\": \\"$(base64 -w0 cat.jpg)\\"}]}"``. The answer is
-``{"predictions": [{"classes": [...], "indices": [...], "probabilities": [...]}, ...]}``, one
-record per image with the ``top_k`` (default 5) classes, best first. ``"params": {"top_k": 0}``
-returns instead ``{"probabilities": [p_0, ..., p_{C-1}]}`` per image (class order: the model's
-``artifacts/ensemble_config.json``). A body without an ``image`` column, or with bytes that are not
-an image, is answered with HTTP 400 and a JSON ``message`` naming the missing column or the row
-(``... row 0 of column 'image' is not a decodable image ...``). Start the server from the activated
-virtual environment (it runs ``uvicorn`` from PATH) with ``MLFLOW_TRACKING_URI`` set to the registry.
+The answer is ``{"predictions": [{"classes": [...], "indices": [...], "probabilities": [...]}, ...]}``,
+one record per image with the ``top_k`` (default 5) classes, best first; ``"params": {"top_k": 0}``
+gives every class in class order (the model's ``artifacts/ensemble_config.json``). A body without an
+``image`` column, or with bytes that are not an image, is answered with HTTP 400 and a JSON
+``message`` naming the missing column or the row (``row 0 of column 'image' is not a decodable
+image ...``), never with the request's content (:class:`EnsembleInputError`).
 """
 
 from __future__ import annotations
@@ -191,8 +188,15 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         return self.format_predictions(probs, top_k)
 
     def format_predictions(self, probs: torch.Tensor, top_k: int) -> pd.DataFrame:
-        if top_k <= 0:
-            return pd.DataFrame({"probabilities": [row.tolist() for row in probs.numpy()]})
+        if top_k <= 0:  # every class, in class order, named like the top-k answer
+            n, names = probs.shape[0], list(self.class_names)
+            return pd.DataFrame(
+                {
+                    "classes": [names] * n,
+                    "indices": [list(range(len(names)))] * n,
+                    "probabilities": [row.tolist() for row in probs.numpy()],
+                }
+            )
         k = min(top_k, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         return pd.DataFrame(
@@ -209,8 +213,8 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:  # "inputs" / "instances" JSON
             model_input = pd.DataFrame({IMAGE_COLUMN: list(model_input[IMAGE_COLUMN])})
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
-            got = (
-                [str(c)[:40] for c in model_input.columns][:10]
+            got = (  # counted, not named: a column name is the request's text
+                f"{len(model_input.columns)} other column(s)"
                 if isinstance(model_input, pd.DataFrame)
                 else type(model_input).__name__
             )
