@@ -1,4 +1,4 @@
-"""Serving throughput and latency of a registered ensemble behind ``mlflow models serve`` on 127.0.0.1.
+"""Serving throughput and latency of a registered ensemble behind ``inception-serve`` on 127.0.0.1.
 
 Run::
 

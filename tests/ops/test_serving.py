@@ -8,6 +8,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -184,3 +189,27 @@ def test_the_network_is_opened_only_with_a_token(tmp_path, capsys):
     assert serving.main(["--model", "models:/x@champion", "--max-request-mb", "0"]) == 2
     assert all(serving.is_loopback(h) for h in ("127.0.0.1", "::1", "localhost"))
     assert not serving.is_loopback("0.0.0.0") and not serving.is_loopback("10.1.2.3")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on this machine")
+def test_the_readme_curl_line_runs_as_written(server, tmp_path):
+    """The README's one-photo request, word for word but for the server's port and the token."""
+    url, model = server
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("curl ") and "/predict" in ln]
+    argv = [a.replace("http://127.0.0.1:5001", url) for a in shlex.split(line)]
+    image = jpeg_bytes(synthetic_image(3, 4))
+    (tmp_path / "cat.jpg").write_bytes(image)
+    out = subprocess.run(
+        [*argv, "-H", f"Authorization: Bearer {TOKEN}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    (got,) = json.loads(out.stdout)["predictions"]
+    top_k = int(re.search(r"top_k=(\d+)", line).group(1))
+    want = model.predict(pd.DataFrame({"image": [image]}), params={"top_k": top_k}).iloc[0]
+    assert got["classes"] == want["classes"] and len(got["classes"]) == top_k
