@@ -370,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"(backend {m['backend_store_uri']})"
             )
             print(f"export RAY_ADDRESS={r['dashboard_url']} MLFLOW_TRACKING_URI={m['url']}")
+            print(
+                "then: ray job submit --working-dir . -- python orchestration/train.py ..., "
+                f"or run orchestration/train.py --address {r['address']} directly"
+            )
         elif args.command == "down":
             stopped = down(args.state_dir)
             print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -379,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no cluster recorded in {Path(args.state_dir) / STATE_FILE}")
             for key, info in st.items():
                 where = info.get("dashboard_url") or info.get("url")
-                print(f"{key:6s} {'running' if info['running'] else 'DOWN'} {where} pgid {info['pgid']}")
+                address = f" address {info['address']}" if info.get("address") else ""
+                state = "running" if info["running"] else "DOWN"
+                print(f"{key:6s} {state} {where}{address} pgid {info['pgid']}")
     except (ClusterError, OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
         print(f"inception-cluster: error: {exc}", file=sys.stderr)
         return 1

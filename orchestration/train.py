@@ -8,7 +8,8 @@ Against a running cluster::
 (``--root $PWD`` is expanded by your shell, so relative paths in the recipe resolve against your
 checkout instead of Ray's temporary copy of it.) Without a cluster the same command without
 ``ray job submit`` starts a local Ray instance. ``--print-config`` shows the resolved config and exits.
-Exit status: 0 done, 1 training failed, 2 bad config or arguments.
+Exit status: 0 done, 1 training failed, 2 bad config or arguments, 130 stopped by Ctrl-C (the
+job's Ray workers end with this driver; checkpoints already written stay, and a rerun resumes).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -67,13 +69,33 @@ def _inside_ray_working_dir_copy(path: str) -> bool:
 LOOPBACK = "127.0.0.1"
 
 
+def address_problem(address: str | None) -> str | None:
+    """Why ``address`` cannot be connected to by a driver (None: it can, or there is none)."""
+    if address and address.startswith(("http://", "https://")):
+        return (
+            f"{address} is a Ray dashboard (job submission) address: submit with `ray job submit "
+            f"--address {address} --working-dir . -- python orchestration/train.py ...`, or run train.py "
+            "directly with --address HOST:PORT, the Ray head's own address (`inception-cluster status` "
+            "prints it)"
+        )
+    return None
+
+
+def is_loopback_address(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def init_ray(address: str | None, num_cpus: int | None) -> None:
     """Connect to ``address`` / ``$RAY_ADDRESS``, else start a local Ray instance bound to 127.0.0.1
     only (as ``ops.cluster`` does): without it Ray's GCS and raylet advertise and listen on the
     machine's external address, reachable by anyone on the network."""
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    if local:
-        # read when ray is imported: node addresses come from the loopback (docs/architecture.md, "Facts")
+    given = address or os.environ.get("RAY_ADDRESS")
+    local = not given
+    if local or is_loopback_address(given):
+        # read when ray is imported: node addresses come from the loopback (docs/architecture.md,
+        # "Facts"); without it Ray turns 127.0.0.1:PORT into the machine's external address and waits
+        # forever for a GCS that listens on the loopback only (`inception-cluster up`'s)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
@@ -116,6 +138,55 @@ def cluster_shortfall(cfg) -> str | None:
     return None
 
 
+class Interrupted(Exception):
+    """Ctrl-C in the driver."""
+
+
+def run_interruptibly(fn, *args):
+    """``fn(*args)`` in a thread, so that Ctrl-C reaches this (main) thread.
+
+    Ray Train's ``fit()`` in the main thread installs its own SIGINT handler, which asks the train
+    controller to abort and waits for it: while the controller waits for workers the cluster cannot
+    place, nothing happened on Ctrl-C, and nothing was printed (only SIGTERM stopped it)."""
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, name="training", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        raise Interrupted from None
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def stop_now(local: bool) -> None:
+    """After Ctrl-C: leave at once. The job's actors (train controller, workers) belong to this
+    driver and Ray ends them when it exits; a local instance is shut down first (bounded wait)."""
+    print(
+        "interrupted (Ctrl-C): stopping; the job's Ray workers end with this process, checkpoints "
+        "already written stay and a rerun resumes from the newest",
+        file=sys.stderr,
+        flush=True,
+    )
+    if local:
+        import ray
+
+        closer = threading.Thread(target=ray.shutdown, daemon=True)
+        closer.start()
+        closer.join(15)
+    sys.stdout.flush()
+    os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_defaults()  # before Ray and MLflow are imported: one line per epoch, no library chatter
@@ -147,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline import load_manifest
 
         load_manifest(cfg.data.shards)  # fail fast, before Ray starts, on a missing shard folder
+        problem = address_problem(args.address or os.environ.get("RAY_ADDRESS"))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         init_ray(args.address, args.num_cpus)
         short = cluster_shortfall(cfg)
         if short and not (args.address or os.environ.get("RAY_ADDRESS")):  # our own instance: no autoscaler
@@ -155,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         if short:  # a cluster may have an autoscaler: say so, then wait as Ray does
             print(f"warning: {short}; the job waits until the cluster has them", file=sys.stderr)
         # --root is the user's checkout under `ray job submit` (the job runs in a copy without .git)
-        outcome = run_training(cfg, args.root or REPO_ROOT)
+        outcome = run_interruptibly(run_training, cfg, args.root or REPO_ROOT)
+    except (Interrupted, KeyboardInterrupt):
+        stop_now(local=not (args.address or os.environ.get("RAY_ADDRESS")))
     except (ShardFormatError, CheckpointError, DataCheckError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
