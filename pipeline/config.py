@@ -53,6 +53,9 @@ class DataConfig:
     # Tars a reader keeps open at once (the least recently used is closed first): bounded, so that
     # ImageNet's 12,800 shards never exhaust a process's open files (each DataLoader worker has its own)
     open_shards: int = 32
+    # Each tar's sha256 against the manifest, the first time a node reads it, in a background thread
+    # (pipeline.checksums; sizes are always checked at start): a changed shard fails with its name
+    verify_sha256: bool = True
     # >0: a fixed global batch; each rank's batch is global_batch / world_size (batch_size is then
     # ignored), so a resume with another number of workers continues the same schedule exactly
     global_batch: int = 0

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.augment import color_params, crop_params
+from pipeline.checksums import ShardHashCheck, default_marker_dir
 from pipeline.samples import (
     CorruptSampleError,
     Quarantine,
@@ -196,6 +197,12 @@ class OrderedLoader:
         )
         check_split_size(self.order, split, cfg.shards)
         self.reader = SampleReader(self.table, cfg.open_shards)
+        self.hash_check = (
+            ShardHashCheck(self.table.tars, self.table.sha256, default_marker_dir(), self.table.sizes)
+            if cfg.verify_sha256 and self.table.sha256
+            else None
+        )
+        self._last_step: int | None = None
         self.class_names = list(self.table.class_names)
         self.batch_size = cfg.batch_size
         self.rank, self.world_size = rank, world_size
@@ -229,13 +236,25 @@ class OrderedLoader:
         self.position = self.start
 
     def plan(self) -> list[Batch]:
-        return self.order.batches(self.epoch, self.start if self.mode == "train" else 0)
+        batches = self.order.batches(self.epoch, self.start if self.mode == "train" else 0)
+        if self.hash_check is not None:
+            self.hash_check.raise_if_failed()  # what the previous pass's last batch did not see
+            self._last_step = batches[-1].step if batches else None
+            if batches:  # the tars this pass reads, in the order it first needs them
+                tars = self.table.tar_of[np.concatenate([b.ids for b in batches])]
+                _, first = np.unique(tars, return_index=True)
+                self.hash_check.start(tars[np.sort(first)])
+        return batches
 
     def advanced(self, batch: Batch, ids) -> None:
         """Record a yielded batch (``ids``: the samples actually in it)."""
         self.last_batch = Batch(np.asarray(ids, dtype=np.int64), batch.positions, batch.step)
         if self.mode == "train":
             self.position = self.start + (batch.step + 1) * self.order.global_batch
+        if self.hash_check is not None:
+            if batch.step == self._last_step:  # a pass does not end before its tars are checked
+                self.hash_check.wait()
+            self.hash_check.raise_if_failed()
 
     def bad_sample(self, i: int, reason: object) -> None:
         """A sample failed to decode: the named error, or quarantine it (named once)."""

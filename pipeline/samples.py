@@ -67,6 +67,8 @@ class SampleTable:
     jpg: np.ndarray  # int64 [N, 2]: (data offset, size) of the JPEG
     lbl: np.ndarray  # int64 [N, 2]: (data offset, size) of the 4-byte label
     truncated: dict[int, str] = field(default_factory=dict)  # sample -> reason (tar shorter than index)
+    sha256: tuple[str, ...] = ()  # per tar, from the manifest
+    sizes: tuple[int, ...] = ()  # per tar, bytes, from the manifest
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -117,6 +119,8 @@ class SampleTable:
             jpg=np.asarray(jpg, dtype=np.int64).reshape(-1, 2),
             lbl=np.asarray(lbl, dtype=np.int64).reshape(-1, 2),
             truncated=truncated,
+            sha256=tuple(sh.sha256 for sh in info.shards),
+            sizes=tuple(sh.bytes for sh in info.shards),
         )
 
     def name(self, i: int) -> tuple[str, str]:
