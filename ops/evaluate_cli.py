@@ -10,7 +10,8 @@ The members come from a registered version (``models:/NAME@alias``, through ``op
 checkpoint folders. The split is first checked against its manifest (``verify-shards``: sizes,
 sha256, members, labels, index entries) and refused if it differs; ``ops.evaluate.evaluate_multicrop``
 fills the table, which is printed and, with ``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``), logged
-to MLflow (``ops.evaluate.log_table``).
+to MLflow (``ops.evaluate.log_table``). ``--no-log`` (or ``--tracking-uri none`` with checkpoint
+folders) prints the table only; a ``models:/`` URI still needs the registry to load from.
 """
 
 from __future__ import annotations
@@ -107,8 +108,29 @@ def check_device(device: str | None) -> None:
         raise ValueError(f"--device {device!r}: use cpu or cuda[:N]")
 
 
+NO_TRACKING = ("none", "")
+
+
+def tracking_plan(
+    model: Sequence[str], tracking_uri: str | None, no_log: bool
+) -> tuple[str | None, str | None]:
+    """``(registry to load from, tracking URI to log to)``; ValueError before any work when a
+    ``models:/`` URI has no registry to come from."""
+    uri = None if tracking_uri is None or tracking_uri.strip().lower() in NO_TRACKING else tracking_uri
+    if model and model[0].startswith("models:/") and uri is None:
+        raise ValueError(
+            f"{model[0]} is loaded from an MLflow registry: give --tracking-uri URI (or set "
+            "MLFLOW_TRACKING_URI); add --no-log to print the table without logging it"
+        )
+    return uri, (None if no_log else uri)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="inception-evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="inception-evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument(
         "--model",
         nargs="+",
@@ -116,16 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         help="models:/NAME@alias (or models:/NAME/VERSION), or one or more checkpoint directories",
     )
     p.add_argument("--shards", required=True, help="shard folder made by build-shards")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="split of the shard folder to evaluate")
     p.add_argument(
-        "--crops", type=parse_crops, default=list(SUPPORTED_CROPS), help="comma list of 1, 10, 144"
+        "--crops",
+        type=parse_crops,
+        default="1,10,144",
+        help="crop settings, a comma list of 1 (center), 10 (corners+center, mirrored), 144 (GoogLeNet's)",
     )
     p.add_argument(
-        "--members", type=parse_members, default=None, help="ensemble sizes: 1..N (default) or 1,2,4"
+        "--members", type=parse_members, default=None, help="ensemble sizes: 1..N (all) or a list 1,2,4"
     )
-    p.add_argument(
-        "--backend", choices=("dali", "torch"), default="dali", help="loader backend (default dali)"
-    )
+    p.add_argument("--backend", choices=("dali", "torch"), default="dali", help="loader backend")
     p.add_argument(
         "--subset",
         type=parse_subset,
@@ -142,11 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tracking-uri",
         default=os.environ.get("MLFLOW_TRACKING_URI"),
-        help="MLflow tracking URI to log the table to (default: $MLFLOW_TRACKING_URI; none: no logging)",
+        help="MLflow server or store: the registry models:/ URIs load from, and where the table is "
+        "logged (default: $MLFLOW_TRACKING_URI; none: neither, for checkpoint folders)",
     )
-    p.add_argument("--experiment", default="inception-evaluate")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-log", action="store_true", help="print the table only; log nothing to MLflow")
+    p.add_argument("--experiment", default="inception-evaluate", help="MLflow experiment of the logged run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if isinstance(args.crops, str):  # the default, unparsed by argparse
+        args.crops = parse_crops(args.crops)
     from ops.tracking import quiet_mlflow_console
     from pipeline.schema import ShardFormatError, load_manifest
     from pipeline.shards.verify import verified_manifest_hash
@@ -154,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_mlflow_console()  # no download bar per registry artifact
 
     try:
+        registry_uri, log_uri = tracking_plan(args.model, args.tracking_uri, args.no_log)
         check_device(args.device)
         verified_manifest_hash(args.shards, args.split)  # figures only for shards that are what they say
         shard_names = load_manifest(args.shards).class_names
-        members, names, data = load_members(args.model, args.tracking_uri)
+        members, names, data = load_members(args.model, registry_uri)
         if shard_names != names:
             raise ValueError(
                 f"{args.shards}: its {len(shard_names)} classes differ from the model's {len(names)}"
@@ -179,16 +207,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"inception-evaluate: error: {exc}", file=sys.stderr)
         return 1
     print(table.to_markdown())
-    if args.tracking_uri:
-        run_id = log_table(
-            table,
-            tracking_uri=args.tracking_uri,
-            model=" ".join(args.model),
-            shards=args.shards,
-            split=args.split,
-            experiment=args.experiment,
-        )
-        print(f"logged to {args.tracking_uri} run {run_id}")
+    if log_uri:
+        try:
+            run_id = log_table(
+                table,
+                tracking_uri=log_uri,
+                model=" ".join(args.model),
+                shards=args.shards,
+                split=args.split,
+                experiment=args.experiment,
+            )
+        except Exception as exc:  # noqa: BLE001 - the table is printed above: say why it is not logged
+            print(f"inception-evaluate: error: the table was not logged to {log_uri}: {exc}", file=sys.stderr)
+            return 1
+        print(f"logged to {log_uri} run {run_id}")
     return 0
 
 

@@ -307,3 +307,37 @@ def test_real_imagenet_images_match_independent_computation(tmp_path, real_data_
     assert table.num_samples == 16
     # 16 classes crowd the top-5 boundary of these untrained members: up to 6 near-ties (measured 5)
     assert_matches(table, want, 16, max_near_ties=6)
+
+
+def test_cli_without_tracking_prints_the_table_and_logs_nothing(
+    tmp_path, checkpoints, synthetic_shards, capsys, monkeypatch
+):
+    """Before: `--tracking-uri none` evaluated, printed the table, then crashed in MLflow with a
+    traceback; for a models:/ URI it named no way out."""
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "--model",
+        str(checkpoints[0]),
+        "--shards",
+        str(synthetic_shards),
+        "--crops",
+        "1",
+        "--no-progress",
+    ]
+    assert main([*common, "--tracking-uri", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 |" in out and "logged to" not in out
+    assert main([*common, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-log"]) == 0
+    assert "logged to" not in capsys.readouterr().out and not (tmp_path / "mlflow.db").exists()
+    # a registered version needs its registry: said before any work (the shard folder is not even read)
+    assert (
+        main(
+            ["--model", "models:/x@champion", "--shards", str(tmp_path / "nowhere"), "--tracking-uri", "none"]
+        )
+        == 1
+    )
+    assert capsys.readouterr().err == (
+        "inception-evaluate: error: models:/x@champion is loaded from an MLflow registry: give "
+        "--tracking-uri URI (or set MLFLOW_TRACKING_URI); add --no-log to print the table without "
+        "logging it\n"
+    )
