@@ -117,6 +117,9 @@ class DataCheckError(RuntimeError):
     """The data and the run disagree (class count, shards changed since the checkpoint, batch split)."""
 
 
+REFUSED_KEY = "refused"  # the one metric a worker reports when a DataCheckError ends it (no retries)
+
+
 DATA_STATE_FILE = "data_state.json"  # beside checkpoint.pt: what the driver checks before a resume
 
 
@@ -141,6 +144,35 @@ def check_resume_data(cfg: TrainConfig, state: dict, data_sha: str, global_batch
             f"the checkpoint was trained with a global batch of {before} and this run has {global_batch}; "
             f"set data.global_batch={before} to resume with any number of workers"
         )
+
+
+# Settings whose change alters the number of steps in an epoch, and so the learning-rate schedule.
+SCHEDULE_SETTINGS = (
+    ("debug", "max_steps_per_epoch"),
+    ("data", "global_batch"),
+    ("data", "batch_size"),
+    ("scaling", "num_workers"),
+    ("data", "train_split"),
+    ("data", "shards"),
+)
+
+
+def check_resume_schedule(cfg: TrainConfig, saved_config: dict, saved_steps: int, steps: int) -> None:
+    """A resume whose epochs have another number of steps than the checkpoint's: one line naming
+    each setting that changed, with its old and new value."""
+    if int(saved_steps) == int(steps):
+        return
+    now = cfg.to_dict()
+    changed = [
+        f"{section}.{key} {saved_config.get(section, {}).get(key)!r} -> {now[section][key]!r}"
+        for section, key in SCHEDULE_SETTINGS
+        if saved_config.get(section, {}).get(key) != now[section][key]
+    ]
+    raise DataCheckError(
+        f"the checkpoint's epochs have {saved_steps} steps and this run's {steps}, so its learning-rate "
+        f"schedule cannot continue; changed since: {', '.join(changed) or 'the train split size'}. "
+        "Resume with the checkpoint's values, or start a new run (checkpoint.name)"
+    )
 
 
 def check_before_start(cfg: TrainConfig) -> None:

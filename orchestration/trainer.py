@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestration.config import TrainConfig
 from orchestration.console import TRAIN_LOG_LEVEL
-from orchestration.resume import check_before_resume, check_before_start
+from orchestration.resume import REFUSED_KEY, DataCheckError, check_before_resume, check_before_start
 from orchestration.worker import train_worker
 
 
@@ -89,6 +89,8 @@ def fit_member(
     result = build_trainer(cfg, run_id, tracking_uri, index, members_after).fit()
     if result.error is not None:
         raise result.error
+    if REFUSED_KEY in (result.metrics or {}):  # a data or settings check the workers made, not retried
+        raise DataCheckError(result.metrics[REFUSED_KEY])
     epochs: list[int] = []
     for _, metrics in result.best_checkpoints or []:
         epochs.append(int(metrics.get("epoch", -1)))

@@ -36,8 +36,10 @@ from orchestration.console import epoch_line, silence_report_lines, training_eta
 from orchestration.loop import LoopSettings, evaluate, train_one_epoch
 from orchestration.optim import loss_weight_decay
 from orchestration.resume import (
+    REFUSED_KEY,
     DataCheckError,
     check_resume_data,
+    check_resume_schedule,
     gather_rng_states,
     load_resume_payload,
     restore_training_state,
@@ -112,7 +114,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     "mlflow_run_id": ..., "tracking_uri": ..., "member": i, "members_after": k}`` (``members_after``:
     how many models of the job train after this one, for the console's ETA)."""
     cfg = TrainConfig.from_dict(loop_config["config"])  # typed config first (docs/architecture.md)
-    WorkerRun(cfg, loop_config).run()
+    try:
+        WorkerRun(cfg, loop_config).run()
+    except DataCheckError as exc:
+        # Data and settings that a retry would meet again: reported (every rank meets the same
+        # check) instead of raised, so that Ray does not retry checkpoint.max_failures times with a
+        # traceback each; the driver raises it as one line (trainer.fit_member).
+        import ray.train
+
+        ray.train.report({REFUSED_KEY: str(exc)})
 
 
 class WorkerRun:
@@ -191,7 +201,7 @@ class WorkerRun:
         if cfg.debug.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.debug.max_steps_per_epoch)
         if self.steps_per_epoch < 1:
-            raise RuntimeError(
+            raise DataCheckError(
                 f"data.shards {cfg.data.shards}: split {cfg.data.train_split!r} gives no full batch "
                 f"of {cfg.data.batch_size} per rank for {world_size} workers; lower data.batch_size"
             )
@@ -216,6 +226,9 @@ class WorkerRun:
         if payload is not None:
             data_state = payload["extra"].get("data", {})
             check_resume_data(cfg, data_state, self.data_sha, self.global_batch)
+            check_resume_schedule(
+                cfg, payload.get("config", {}), payload["scheduler"]["steps_per_epoch"], self.steps_per_epoch
+            )
             self.start_epoch, self.global_step = restore_training_state(
                 payload, *self.state.parts(), rank=rank, world_size=self.world_size
             )

@@ -127,6 +127,21 @@ def test_changed_shards_are_refused_before_a_resume(
     refused = "are not those the checkpoint was trained on .*--force-data-change"
     with pytest.raises(DataCheckError, match=refused):
         run_training(other, REPO)
+    # the same shards with shorter epochs: the workers refuse the schedule, as one error naming the
+    # setting with its old and new value, not retried (before: "resume with the same data, batch
+    # size and number of workers", raised max_failures + 1 times with a traceback each)
+    shorter = _cfg(
+        tiny_cifar_shards, tmp_path, "data", "schedule.epochs=2", "debug.max_steps_per_epoch=2",
+        "checkpoint.max_failures=2", f"debug.trace_file={tmp_path / 'trace' / 'shorter'}",
+    )  # fmt: skip
+    with pytest.raises(DataCheckError) as exc:
+        run_training(shorter, REPO)
+    assert str(exc.value) == (
+        "the checkpoint's epochs have 3 steps and this run's 2, so its learning-rate schedule cannot "
+        "continue; changed since: debug.max_steps_per_epoch 3 -> 2. Resume with the checkpoint's "
+        "values, or start a new run (checkpoint.name)"
+    )
+    assert not list((tmp_path / "trace").glob("shorter*"))  # no worker got as far as a step
 
 
 def _zero_scan(shards: Path, table: SampleTable, i: int) -> None:
