@@ -197,6 +197,16 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    # rank 0 prints a progress line inside each epoch this often (step/steps, img/s, loader wait,
+    # the epoch's ETA); 0 = epoch lines only
+    progress_every_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check("console", self, {"progress_every_s": self.progress_every_s >= 0})
+
+
+@dataclass(frozen=True)
 class EnsembleConfig:
     members: int = 1  # paper §10 ensembled 4 models; members train with seeds seed+i
     concurrent: str = "auto"  # "auto": in parallel when the cluster has room | "on" | "off"
@@ -279,6 +289,7 @@ class TrainConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

@@ -64,6 +64,24 @@ def epoch_line(member: int, epoch: int, epochs: int, metrics: dict, eta_s: float
     )
 
 
+def progress_line(
+    member: int,
+    epoch: int,
+    epochs: int,
+    step: int,
+    steps: int,
+    images_per_s: float,
+    wait: float,
+    eta_s: float | None,
+) -> str:
+    """``member 0  epoch 3/12  step 120/500  229 img/s  loader wait 0.8%  epoch ETA 0:04:10``: rank 0's
+    line inside an epoch, every ``console.progress_every_s`` (figures over the last interval)."""
+    return (
+        f"member {member}  epoch {epoch}/{epochs}  step {step}/{steps}  {images_per_s:.0f} img/s  "
+        f"loader wait {wait:.1%}  epoch ETA {format_duration(eta_s)}"
+    )
+
+
 def training_eta(epoch_times: list[float], epochs_left: int, members_after: int, epochs: int) -> float | None:
     """Seconds of training left for this job: the epochs left of this model plus those of the models
     that will train after it, at the mean epoch time seen so far (``None`` before the first epoch)."""

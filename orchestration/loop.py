@@ -45,6 +45,7 @@ class LoopSettings:
     fail_mode: str = "raise"
     rank: int = 0
     world_size: int = 1
+    progress_every_s: float = 0.0  # >0: on_progress every this many seconds (rank 0's console line)
 
 
 class InjectedFailure(RuntimeError):
@@ -190,14 +191,17 @@ def train_one_epoch(
     global_step: int,
     on_log: Callable[[dict[str, float], int], None] | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    on_progress: Callable[[int, float, float], None] | None = None,
 ) -> tuple[dict, int]:
     """Train over ``loader`` once; returns (epoch metrics reduced over ranks, new global step).
 
     ``ema_target`` is the unwrapped model (no DDP / compile wrapper) whose weights the EMA follows;
     ``on_log(metrics, step)`` receives window metrics every ``s.log_every`` steps (rank-local values,
     images/s scaled to the global batch); ``on_step(global step, loss)`` runs after every step, on
-    every rank (mid-epoch checkpoints, step traces). No step waits for the GPU: losses and gradient norms are
-    summed on the device and read at log points and at the end of the epoch.
+    every rank (mid-epoch checkpoints, step traces); ``on_progress(steps done, images/s, loader wait
+    fraction)`` every ``s.progress_every_s`` seconds, on the rank that passes it (figures over the
+    interval, images/s scaled to the global batch). No step waits for the GPU: losses and gradient
+    norms are summed on the device and read at log points, progress lines and the end of the epoch.
     """
     model.train()
     # the weights TF-slim's regulariser covers (conv / linear weights), for an L2 term in the loss
@@ -208,6 +212,8 @@ def train_one_epoch(
     wait_total = 0.0
     epoch_start = time.perf_counter()
     window = ThroughputWindow(s.device)
+    window_wait = 0.0  # loader wait collected for a progress line, owed to the window's next report
+    beat_at, beat_samples, beat_wait = epoch_start, 0, 0.0
     iterator = iter(loader)
     while not (s.max_steps and steps >= s.max_steps):
         clock.fetch_started()
@@ -240,10 +246,22 @@ def train_one_epoch(
             on_step(global_step, detached)
         _maybe_fail(s, global_step)
         if on_log is not None and global_step % s.log_every == 0:
-            wait = clock.collect()
-            wait_total += wait
+            wait = clock.collect() + window_wait
+            wait_total += wait - window_wait
+            beat_wait += wait - window_wait
+            window_wait = 0.0
             on_log(window.report(wait, schedule.get_last_lr(), s.world_size), global_step)
             window = ThroughputWindow(s.device)
+        if on_progress is not None and s.progress_every_s > 0:
+            now = time.perf_counter()
+            if now - beat_at >= s.progress_every_s:
+                wait = clock.collect()
+                wait_total += wait
+                window_wait += wait
+                interval = now - beat_at
+                rate = (samples - beat_samples) * s.world_size / interval
+                on_progress(steps, rate, (beat_wait + wait) / interval)
+                beat_at, beat_samples, beat_wait = time.perf_counter(), samples, 0.0
     wait_total += clock.collect()
     elapsed = time.perf_counter() - epoch_start
     total_loss, total_samples, total_wait, total_time, total_steps = all_reduce_sum(

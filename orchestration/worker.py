@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from orchestration.config import TrainConfig, flatten, to_yaml
-from orchestration.console import epoch_line, silence_report_lines, training_eta
+from orchestration.console import epoch_line, progress_line, silence_report_lines, training_eta
 from orchestration.loop import LoopSettings, evaluate, train_one_epoch
 from orchestration.optim import loss_weight_decay
 from orchestration.resume import (
@@ -72,6 +72,7 @@ def loop_settings(
         fail_mode=cfg.debug.fail_mode,
         rank=rank,
         world_size=world_size,
+        progress_every_s=cfg.console.progress_every_s if rank == 0 else 0.0,
     )
 
 
@@ -260,6 +261,7 @@ class WorkerRun:
         cfg, st = self.cfg, self.state
         for epoch in range(self.start_epoch, cfg.schedule.epochs):
             self.train_loader.set_epoch(epoch, self.start_position if epoch == self.start_epoch else 0)
+            progress = partial(self._progress, epoch, self._steps_done_before()) if self.rank == 0 else None
             train_metrics, self.global_step = train_one_epoch(
                 self.train_model,
                 self.train_loader,
@@ -271,6 +273,7 @@ class WorkerRun:
                 self.global_step,
                 on_log=self.tracker.log_metrics if self.rank == 0 else None,
                 on_step=partial(self._on_step, epoch),
+                on_progress=progress,
             )
             metrics = {"epoch": epoch + 1, "step": self.global_step, **train_metrics, **self._validate()}
             self._save_and_report(metrics, epoch + 1, self.global_step, 0, epoch_end=True)
@@ -278,6 +281,19 @@ class WorkerRun:
         self.val_loader.close()
         if self.rank == 0:  # metrics kept during an MLflow outage: delivered now, or reported as lost
             self.tracker.flush(final=True, attempts=3, wait_s=5.0)
+
+    def _steps_done_before(self) -> int:
+        """Steps of the current epoch already run before this pass (a mid-epoch resume)."""
+        return max(0, self.steps_per_epoch - min(self.train_loader.remaining(), self.steps_per_epoch))
+
+    def _progress(self, epoch: int, done_before: int, steps: int, images_per_s: float, wait: float) -> None:
+        """Rank 0, inside an epoch: where it is, how fast, and when the epoch ends."""
+        step = done_before + steps
+        left = self.steps_per_epoch - step
+        eta = left * self.global_batch / images_per_s if images_per_s > 0 else None
+        epochs, steps_per_epoch = self.cfg.schedule.epochs, self.steps_per_epoch
+        line = progress_line(self.member, epoch + 1, epochs, step, steps_per_epoch, images_per_s, wait, eta)
+        print(line, flush=True)
 
     def _validate(self) -> dict[str, float]:
         val = evaluate(self.eval_model, self.val_loader, self.s)

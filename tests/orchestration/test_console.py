@@ -38,3 +38,11 @@ def test_quiet_defaults_never_override_the_user():
     assert env["MLFLOW_LOGGING_LEVEL"] == "DEBUG"  # the user's choice stays
     assert env["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and env["RAY_DISABLE_WORKER_LOG_PREFIX"] == "1"
     assert set(env) == set(RAY_QUIET_ENV) | set(MLFLOW_QUIET_ENV)
+
+
+def test_progress_line_format():
+    from orchestration.console import progress_line
+
+    line = progress_line(1, 3, 12, 120, 500, 229.4, 0.008, 250.0)
+    assert line == "member 1  epoch 3/12  step 120/500  229 img/s  loader wait 0.8%  epoch ETA 0:04:10"
+    assert progress_line(0, 1, 1, 1, 2, 0.0, 0.0, None).endswith("epoch ETA -")

@@ -154,3 +154,31 @@ def test_layouts_and_dtypes_train_end_to_end(tmp_path, layout, dtype):
     assert step == 4 and math.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
     val = evaluate(model, loader, s)
     assert val["count"] == 16
+
+
+def test_progress_lines_inside_an_epoch():
+    """Before: nothing between epoch lines (hours on ImageNet). Every interval: steps done, images/s
+    and the loader's share of it, and the window metrics still get their whole loader wait."""
+    model, opt, sched, s = _setup(log_every=3, progress_every_s=0.05)
+    beats, logs = [], []
+    metrics, _ = train_one_epoch(
+        model,
+        _SlowLoader(batches=6, delay=0.06),  # every step takes > 0.05 s: a line after each
+        opt,
+        sched,
+        None,
+        model,
+        s,
+        0,
+        on_log=lambda m, k: logs.append(m),
+        on_progress=lambda *a: beats.append(a),
+    )
+    assert [b[0] for b in beats] == [1, 2, 3, 4, 5, 6]
+    for _, rate, wait in beats:
+        assert 8 / 0.2 < rate < 8 / 0.05 and 0.5 < wait <= 1.0  # 8 images per ~0.06 s, mostly waiting
+    assert all(0.5 < m["train/loader_wait_frac"] <= 1.0 for m in logs)  # not taken by the progress lines
+    assert 0.5 < metrics["train_loader_wait_frac"] <= 1.0
+    off = []
+    model, opt, sched, s = _setup(progress_every_s=0.0)
+    train_one_epoch(model, _SlowLoader(delay=0.06), opt, sched, None, model, s, 0, on_progress=off.append)
+    assert off == []
