@@ -29,12 +29,23 @@ def readme_commands() -> list[list[str]]:
     return commands
 
 
+INSTALLED = (
+    "build-shards",
+    "verify-shards",
+    "mlflow",
+    "ray",
+    "inception-registry",
+    "inception-serve",
+    "inception-predict",
+)  # console scripts in .venv/bin
+
+
 def program_of(argv: list[str]) -> tuple[list[str], list[str]] | None:
     """(command prefix to run with --help, remaining args) for a README command; None if not ours."""
     head = argv[0].removeprefix(".venv/bin/")
     if head in ("make", "export", "curl"):  # curl: run against a real server in tests/ops/test_serving.py
         return None
-    if head in ("build-shards", "verify-shards", "mlflow", "ray", "inception-registry", "inception-serve"):
+    if head in INSTALLED:
         n = {"mlflow": 3, "ray": 3, "inception-registry": 2}.get(head, 1)
         return [str(BIN / head), *argv[1:n]], argv[n:]
     if head == "python":
