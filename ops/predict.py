@@ -94,6 +94,7 @@ def load_ensemble(model: Sequence[str], tracking_uri: str | None, crops: int | N
         ens.crops = 1
     import torch
 
+    torch.set_flush_denormal(True)  # as EnsembleModel.setup: subnormal activations are ~15x slower on CPUs
     ens.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ens.members = [m.to(ens.device).eval() for m in ens.members]
     ens.crops = crops or ens.crops

@@ -353,6 +353,21 @@ def _version_or_error(client: MlflowClient, name: str, version: str):
         raise RegistryError(f"model {name!r} has no version {version} on {client.tracking_uri}") from exc
 
 
+def resolve_version(client: MlflowClient, model_uri: str):
+    """The ModelVersion a ``models:/NAME@alias`` or ``models:/NAME/VERSION`` URI names."""
+    ref = model_uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except Exception as exc:
+            raise RegistryError(f"model {name!r} has no alias {alias!r} on {client.tracking_uri}") from exc
+    name, _, version = ref.rpartition("/")
+    if not name:
+        raise RegistryError(f"{model_uri}: use models:/NAME@alias or models:/NAME/VERSION")
+    return _version_or_error(client, name, version)
+
+
 def _champion(client: MlflowClient, name: str):
     try:
         return client.get_model_version_by_alias(name, CHAMPION)

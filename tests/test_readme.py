@@ -37,6 +37,7 @@ INSTALLED = (
     "inception-registry",
     "inception-serve",
     "inception-predict",
+    "inception-export",
 )  # console scripts in .venv/bin
 
 
