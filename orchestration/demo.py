@@ -159,6 +159,23 @@ def build_demo_shards(shards: Path) -> None:
         )
 
 
+DEMO_EXPERIMENT = "inception-v3-demo"  # configs/demo.yaml's tracking.experiment
+
+
+def job_metadata(mlflow_url: str, experiment: str) -> dict[str, str]:
+    """Ray job metadata: what the job is and the MLflow experiment page its runs land on."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_url)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    return {
+        "job": "inception-v3 demo training (orchestration/train.py, configs/demo.yaml)",
+        "mlflow_experiment": experiment,
+        "mlflow_url": f"{mlflow_url}/#/experiments/{experiment_id}",
+    }
+
+
 def run_training_job(dashboard_url: str, mlflow_url: str, overrides: list[str]) -> str:
     """Submit the training job to the Ray head (what ``ray job submit`` does) and print its log as it
     comes; returns the job id, raises when the job did not succeed."""
@@ -189,7 +206,11 @@ def run_training_job(dashboard_url: str, mlflow_url: str, overrides: list[str]) 
     )
     client = JobSubmissionClient(dashboard_url)
     job_id = client.submit_job(
-        entrypoint=entrypoint, runtime_env={"working_dir": str(REPO_ROOT), "excludes": JOB_EXCLUDES}
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": str(REPO_ROOT), "excludes": JOB_EXCLUDES},
+        # what the Ray dashboard's job list shows: a readable id, and where the runs are tracked
+        submission_id=f"inception-demo-{time.strftime('%Y%m%d-%H%M%S')}",
+        metadata=job_metadata(mlflow_url, DEMO_EXPERIMENT),
     )
     print(f"    job {job_id} (its log: ray job logs {job_id}; the Ray dashboard has it too)\n", flush=True)
 

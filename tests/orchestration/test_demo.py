@@ -41,13 +41,17 @@ def test_demo_console_contract(tmp_path):
     lines = [line for line in out.splitlines() if line.strip()]
     # one line per epoch per member, from rank 0 only, in the documented format
     for member in (0, 1):
-        epoch_lines = [line for line in lines if line.startswith(f"member {member}  epoch 1/1  ")]
+        start = f"member {member}  epoch 1/1  "  # progress lines inside the epoch start alike
+        epoch_lines = [line for line in lines if line.startswith(start) and " val top-1 " in line]
         assert len(epoch_lines) == 1, out[-5000:]
         assert re.fullmatch(
             rf"member {member}  epoch 1/1  loss \d+\.\d\d  val top-1 \d+\.\d% \(EMA \d+\.\d%\)  \d+ img/s  "
             r"loader wait \d+\.\d%  ETA \d:\d\d:\d\d",
             epoch_lines[0],
         ), epoch_lines[0]
+    # the Ray job has a readable id (the dashboard's job list shows it)
+    job_line = r"^    job inception-demo-\d{8}-\d{6} \(its log: ray job logs"
+    assert re.search(job_line, out, flags=re.M), out[-5000:]
     repeated = [
         line for line, n in collections.Counter(lines).items() if n > 1 and not line.startswith("|---")
     ]
