@@ -162,7 +162,7 @@ def build_demo_shards(shards: Path) -> None:
 DEMO_EXPERIMENT = "inception-v3-demo"  # configs/demo.yaml's tracking.experiment
 
 
-def job_metadata(mlflow_url: str, experiment: str) -> dict[str, str]:
+def job_metadata(mlflow_url: str, experiment: str, what: str) -> dict[str, str]:
     """Ray job metadata: what the job is and the MLflow experiment page its runs land on."""
     from mlflow import MlflowClient
 
@@ -170,15 +170,24 @@ def job_metadata(mlflow_url: str, experiment: str) -> dict[str, str]:
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     return {
-        "job": "inception-v3 demo training (orchestration/train.py, configs/demo.yaml)",
+        "job": what,
         "mlflow_experiment": experiment,
         "mlflow_url": f"{mlflow_url}/#/experiments/{experiment_id}",
     }
 
 
-def run_training_job(dashboard_url: str, mlflow_url: str, overrides: list[str]) -> str:
+def run_training_job(
+    dashboard_url: str,
+    mlflow_url: str,
+    overrides: list[str],
+    *,
+    config: str = "configs/demo.yaml",
+    name: str = "demo",
+    experiment: str = DEMO_EXPERIMENT,
+    log_to=None,
+) -> str:
     """Submit the training job to the Ray head (what ``ray job submit`` does) and print its log as it
-    comes; returns the job id, raises when the job did not succeed."""
+    comes (to ``log_to`` too, a text file); returns the job id, raises when the job did not succeed."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from ops.cluster import client_env
@@ -194,7 +203,7 @@ def run_training_job(dashboard_url: str, mlflow_url: str, overrides: list[str]) 
         logging.getLogger(name).setLevel(logging.WARNING)
     entrypoint = " ".join(
         [
-            "python orchestration/train.py --config configs/demo.yaml",
+            f"python orchestration/train.py --config {config}",
             f"--root {REPO_ROOT}",
             f"tracking.uri={mlflow_url}",
             *overrides,
@@ -209,8 +218,8 @@ def run_training_job(dashboard_url: str, mlflow_url: str, overrides: list[str]) 
         entrypoint=entrypoint,
         runtime_env={"working_dir": str(REPO_ROOT), "excludes": JOB_EXCLUDES},
         # what the Ray dashboard's job list shows: a readable id, and where the runs are tracked
-        submission_id=f"inception-demo-{time.strftime('%Y%m%d-%H%M%S')}",
-        metadata=job_metadata(mlflow_url, DEMO_EXPERIMENT),
+        submission_id=f"inception-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        metadata=job_metadata(mlflow_url, experiment, f"inception-v3 {name} training ({config})"),
     )
     print(f"    job {job_id} (its log: ray job logs {job_id}; the Ray dashboard has it too)\n", flush=True)
 
@@ -218,6 +227,8 @@ def run_training_job(dashboard_url: str, mlflow_url: str, overrides: list[str]) 
         async for text in client.tail_job_logs(job_id):
             sys.stdout.write(text)
             sys.stdout.flush()
+            if log_to is not None:
+                log_to.write(text)
 
     asyncio.run(follow())
     status = client.get_job_status(job_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,20 @@ def test_gpu_check_smoke_runs_every_cpu_step(tmp_path):
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,  # the main job: Ray, MLflow, 2 members, a retry, registration
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
-    assert list(steps) == ["gpu-tests", "loader", "train-step", "peers", "end-to-end", "multicrop"]
+    assert list(steps) == [
+        "gpu-tests",
+        "main-job",
+        "loader",
+        "train-step",
+        "peers",
+        "end-to-end",
+        "multicrop",
+    ]
     assert steps["gpu-tests"]["status"] == "skipped" and steps["gpu-tests"]["notes"] == ["needs a CUDA GPU"]
     assert steps["peers"]["status"] in ("ok", "skipped")  # skipped where torchvision/timm are missing
     for name in ("loader", "train-step", "end-to-end", "multicrop"):
@@ -47,6 +56,16 @@ def test_gpu_check_smoke_runs_every_cpu_step(tmp_path):
     e2e = steps["end-to-end"]["figures"]
     assert e2e["steps"] == 6 and 0 <= e2e["steady_loader_wait_frac"] < 1
     assert e2e["resume"]["bit_exact"] and e2e["resume"]["steps"] == 3
+    job = steps["main-job"]
+    assert job["status"] == "ok", job
+    f = job["figures"]
+    assert re.fullmatch(r"inception-gpu-check-\d{8}-\d{6}", f["job_id"])
+    # member 0's worker was killed at step 3 and resumed from the step-2 mid-epoch checkpoint
+    assert f["killed_at_step"] == 3 and f["resumed"][0] == {"epoch": 0, "step": 2, "position": 8}
+    assert [m["member"] for m in f["members"]] == [0, 1] and all(m["images_per_s"] > 0 for m in f["members"])
+    assert f["job_over_harness"] > 0 and f["registered"]["version"] == "1"
+    assert sorted(f["evaluation"]) == ["1x1", "1x10", "1x144", "2x1", "2x10", "2x144"]
+    assert f["evaluation_images"] == 24
     crops = steps["multicrop"]["figures"]["crops"]
     assert sorted(crops, key=int) == ["1", "10", "144"] and all(c["images"] == 24 for c in crops.values())
     assert "=== make gpu-check ===" in proc.stdout and (out / "gpu_check.md").read_text().startswith(

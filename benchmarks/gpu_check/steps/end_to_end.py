@@ -137,6 +137,11 @@ def run(ctx: Context) -> StepResult:
             res.status = "below target"
     else:
         res.notes.append("no step-only rate at this setting and batch (train-step step skipped?)")
+    job = next((r for r in ctx.results if r.name == "main-job" and r.figures.get("members")), None)
+    if job is not None and job.figures["members"][0].get("images_per_s"):  # the product's job, ran first
+        job_rate = job.figures["members"][0]["images_per_s"]
+        job.figures["job_over_harness"] = job_rate / figures["steady_images_per_s"]
+        job.figures["harness"] = f"end-to-end {setting.name}, batch {z.e2e_batch}, eager (the job: compiled)"
 
     # checkpoint at the epoch boundary, then the same continuation twice: uninterrupted and resumed
     if ctx.cuda:
