@@ -175,7 +175,10 @@ def test_corrupt_sample_is_quarantined_by_all_ranks(ray_2cpu, tiny_cifar_shards,
     val = SampleTable.load(str(shards), "val")
     bad_val = len(val) * 3 // 4  # in rank 1's half of the split
     _zero_scan(shards, val, bad_val)
-    outcome = run_training(_cfg(shards, tmp_path, "quarantine", "data.skip_corrupt=true"), REPO)
+    # the shards no longer match their manifest's sha256: training would stop at the first pass
+    # (pipeline.checksums); this test is about what quarantine does with what it meets
+    overrides = ("data.skip_corrupt=true", "data.verify_sha256=false")
+    outcome = run_training(_cfg(shards, tmp_path, "quarantine", *overrides), REPO)
     steps, lines = _trace(tmp_path, "quarantine")
     assert [len(r) for r in lines] == [14, 14] and all(len(ids) == 64 for ids, _ in steps.values())
     first = [i for s in range(1, 8) for i in steps[(0, s)][0]]
