@@ -292,7 +292,18 @@ def test_elastic_run_continues_the_same_order_on_fewer_workers(
     )
     start = time.monotonic()
     thread.start()
-    _wait_for(lambda: len(list(run_dir.glob("checkpoint_*"))) >= 2, 300, "two mid-epoch checkpoints")
+    complete: set = set()
+
+    def complete_checkpoints() -> int:  # a folder appears before its files are all copied into it
+        for folder in set(run_dir.glob("checkpoint_*")) - complete:
+            try:
+                load_checkpoint(folder)
+                complete.add(folder)
+            except Exception:
+                time.sleep(0.2)  # still being copied
+        return len(complete)
+
+    _wait_for(lambda: complete_checkpoints() >= 2, 300, "two complete mid-epoch checkpoints")
     time.sleep(0.5)
     killed_at = time.monotonic() - start
     cluster.remove_node(nodes[1], allow_graceful=False)  # not replaced: the run must shrink

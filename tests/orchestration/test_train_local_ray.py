@@ -79,7 +79,9 @@ def test_a_loopback_head_is_reached_and_ctrl_c_stops_a_waiting_job(tmp_path):
     state_dir.mkdir()
     ports = {"ray": 0, "dashboard": 0, "client": 0, "agent": 0}
     head = cluster.start_ray(state_dir.resolve(), 1, ports, timeout=120)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # the head's own auth mode (ops.cluster starts it with the caller's RAY_AUTH_MODE, else none),
+    # without any address a previous test left in the environment
+    env = {k: v for k, v in cluster.client_env().items() if k != "RAY_ADDRESS"}
     cmd = [
         sys.executable, "orchestration/train.py", "--config", "configs/demo.yaml",
         f"data.shards={shards}", f"checkpoint.storage_path={tmp_path / 'runs'}",
