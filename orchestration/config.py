@@ -357,7 +357,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads on/off as booleans: scaling.use_gpu=on, model.amp=off
+            return "on" if value else "off"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported field type {hint!r}")  # pragma: no cover - schema bug

@@ -199,8 +199,8 @@ def run_training_job(
     os.environ["RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES"] = ""
     # Ray's packaging and job-client INFO lines (one per ignored file, "Uploading package ...",
     # "WebSocket closed ..."); the SDK modules set their own loggers to INFO, so they are lowered by name
-    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for logger in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
     entrypoint = " ".join(
         [
             f"python orchestration/train.py --config {config}",

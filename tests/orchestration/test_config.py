@@ -75,6 +75,12 @@ def test_override_parsing_and_types():
     assert cfg.model.compile is True and cfg.seed == 7 and cfg.schedule.warmup_epochs == 2.0
     assert cfg.tracking.experiment == "123"
     assert apply_overrides({"optim": {"lr": 1}}, ["optim.eps=2"]) == {"optim": {"lr": 1, "eps": 2}}
+    # on/off settings as the errors and the README spell them (YAML reads on/off as booleans; before:
+    # "scaling.use_gpu: expected a string, got True")
+    cfg = load_config(None, ["scaling.use_gpu=on", "model.amp=off", "model.channels_last=off"])
+    assert (cfg.scaling.use_gpu, cfg.model.amp, cfg.model.channels_last) == ("on", "off", "off")
+    with pytest.raises(ConfigError, match=r"^model\.amp: invalid value 'on'"):
+        load_config(None, ["model.amp=on"])
 
 
 def test_paths_resolved_against_root(tmp_path):
