@@ -141,7 +141,9 @@ def run(ctx: Context) -> StepResult:
     if job is not None and job.figures["members"][0].get("images_per_s"):  # the product's job, ran first
         job_rate = job.figures["members"][0]["images_per_s"]
         job.figures["job_over_harness"] = job_rate / figures["steady_images_per_s"]
-        job.figures["harness"] = f"end-to-end {setting.name}, batch {z.e2e_batch}, eager (the job: compiled)"
+        job.figures["harness"] = f"end-to-end {setting.name}, batch {z.e2e_batch}, eager" + (
+            " (the job: compiled)" if ctx.cuda else ""
+        )
 
     # checkpoint at the epoch boundary, then the same continuation twice: uninterrupted and resumed
     if ctx.cuda:
