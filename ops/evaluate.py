@@ -365,6 +365,7 @@ def log_table(
     """Log the table to MLflow (metrics, markdown, PNG); returns the run id."""
     import mlflow
 
+    from ops.tracking import shard_dataset_input
     from pipeline.schema import manifest_sha256
 
     with using_tracking_uri(tracking_uri), tempfile.TemporaryDirectory() as tmp:
@@ -382,6 +383,9 @@ def log_table(
                 }
             )
             mlflow.log_metrics(table.metrics())
+            dataset = shard_dataset_input(shards, split, "evaluation")
+            if dataset is not None:
+                mlflow.MlflowClient().log_inputs(run.info.run_id, [dataset])
             md = Path(tmp) / "multicrop_table.md"
             md.write_text(table.to_markdown())
             mlflow.log_artifact(str(md))

@@ -35,7 +35,7 @@ from mlflow.types.schema import Array
 from ops.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from ops.ensemble_model import CONFIG_ARTIFACT, DEFAULT_TOP_K, IMAGE_COLUMN, EnsembleModel, member_artifact
 from ops.evaluate import evaluate_multicrop
-from ops.tracking import using_tracking_uri
+from ops.tracking import run_url, shard_dataset_input, using_tracking_uri
 from pipeline.multicrop import SUPPORTED_CROPS
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -262,6 +262,9 @@ def register_ensemble(
             mlflow.log_params({"members": len(sources), "crops": crops, "registered_model": name})
             if metrics:
                 mlflow.log_metrics(metrics)
+                dataset = shard_dataset_input(eval_shards, eval_split, "evaluation")
+                if dataset is not None:
+                    MlflowClient().log_inputs(run.info.run_id, [dataset])
             info = mlflow.pyfunc.log_model(
                 name="ensemble",
                 python_model=str(MODEL_CODE),  # models from code: nothing of ours is pickled
@@ -277,8 +280,52 @@ def register_ensemble(
         for key, value in version_tags.items():
             client.set_model_version_tag(name, version, key, value)
         client.set_model_version_tag(name, version, "registration_run", run.info.run_id)
+        client.update_model_version(
+            name, version, description=version_description(client, version_tags, run_ids, run.info.run_id)
+        )
         client.set_registered_model_alias(name, CANDIDATE, version)
         return client.get_model_version(name, version)
+
+
+def version_description(client: MlflowClient, tags: dict, member_runs: list, registration_run: str) -> str:
+    """What the version page says first: its evaluation, and links to the runs behind it."""
+    uri = client.tracking_uri
+
+    def link(run_id: str | None) -> str:
+        if not run_id:
+            return "-"
+        try:
+            url = run_url(uri, client.get_run(run_id).info.experiment_id, run_id)
+        except Exception:  # a run in another store: its id is still a lineage
+            url = None
+        return f"[{run_id}]({url})" if url else f"`{run_id}`"
+
+    lines = [
+        f"Ensemble of {tags['members']} Inception member(s), averaged; {tags['crops']} crop(s) per image.",
+        "",
+    ]
+    if "eval.top1_error" in tags:
+        top1, top5 = (100 * float(tags[f"eval.{k}_error"]) for k in ("top1", "top5"))
+        lines += [
+            "| members | crops | top-1 error | top-5 error | images | split |",
+            "|---:|---:|---:|---:|---:|---|",
+            f"| {tags['members']} | {tags['eval.crops']} | {top1:.2f} % | {top5:.2f} % | "
+            f"{tags['eval.num_samples']} | {tags['eval.split']} |",
+            "",
+            f"Evaluation shards: manifest sha256 `{tags['eval.shards_sha256']}` (verified first).",
+        ]
+    else:
+        lines.append(
+            "Not evaluated at registration (no --eval-shards): the promotion gate has nothing to compare."
+        )
+    lines += [
+        "",
+        "Member runs: " + ", ".join(link(r) for r in member_runs),
+        f"Registration run: {link(registration_run)}",
+    ]
+    if tags.get("train.shards_sha256"):
+        lines.append(f"Training shards: manifest sha256 `{tags['train.shards_sha256']}`")
+    return "\n".join(lines) + "\n"
 
 
 def check_user_tags(tags: dict) -> None:

@@ -27,6 +27,51 @@ MAX_PARAM_LENGTH = 6000  # MLflow 3 param value limit (mlflow.utils.validation.M
 CURVE_KEYS = ("train_loss", "val_loss", "val_top1", "val_ema_top1")
 
 
+MAX_DIGEST = 36  # MLflow's dataset digest column
+
+
+def shard_dataset_input(shards: str, split: str, context: str):
+    """An MLflow dataset input for a split of a shard folder: named ``<folder>/<split>``, digest the
+    manifest's sha256 (its first 36 characters, MLflow's limit; the whole of it in the profile), so
+    that runs on the same shards show the same dataset in MLflow's "Datasets". None when the folder
+    has no readable manifest (the run says so elsewhere)."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from pipeline import ShardFormatError, load_manifest, manifest_sha256
+
+    try:
+        manifest = load_manifest(shards)
+        info = manifest.split(split)
+        digest = manifest_sha256(shards)
+    except (ShardFormatError, OSError, KeyError, ValueError):
+        return None
+    profile = {
+        "samples": info.num_samples,
+        "shards": len(info.shards),
+        "classes": manifest.num_classes,
+        "manifest_sha256": digest,
+    }
+    schema = {"format": "WebDataset tars + DALI indexes", "members": {"jpg": "JPEG", "cls": "class index"}}
+    dataset = Dataset(
+        name=f"{Path(shards).name}/{split}",
+        digest=digest[:MAX_DIGEST],
+        source_type="local" if "://" not in str(shards) else str(shards).split("://", 1)[0],
+        source=json.dumps({"uri": str(shards), "split": split}),
+        schema=json.dumps(schema),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", context)])
+
+
+def run_url(tracking_uri: str | None, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI page of a run, when the tracking URI is a server (None for a local store)."""
+    if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 # MLflow's console defaults are made for notebooks: a tqdm bar per artifact download, a "View run"
 # URL on stdout per finished run, INFO lines from model logging. In our jobs' logs they bury the
 # training lines, so our entry points lower them (as defaults: a user's own setting wins).
@@ -313,6 +358,11 @@ class RunTracker:
         for key, value in tags.items():
             if value is not None:
                 self._call(self.client.set_tag, self.run_id, key, str(value))
+
+    def log_inputs(self, datasets: list) -> None:
+        datasets = [d for d in datasets if d is not None]
+        if datasets:
+            self._call(self.client.log_inputs, self.run_id, datasets)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call(self.client.log_text, self.run_id, text, artifact_file)

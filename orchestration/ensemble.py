@@ -178,6 +178,11 @@ def register_members(
         eval_split=cfg.data.val_split,
         tags={"training_parent_run": parent or (members[0].run_id or "-")},
     )
+    if parent:  # the ensemble's own run carries what the ensemble scored
+        client = MlflowClient(tracking_uri=uri)
+        for key in ("eval.top1_error", "eval.top5_error"):
+            if key in version.tags:
+                client.log_metric(parent, key, float(version.tags[key]))
     decision = (
         registry.promote(cfg.ensemble.model_name, version.version, tracking_uri=uri)
         if cfg.ensemble.promote

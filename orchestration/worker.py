@@ -242,7 +242,15 @@ class WorkerRun:
                 flush=True,
             )
         elif rank == 0:
+            from ops.tracking import shard_dataset_input
+
             self.tracker.log_params(flatten(cfg.to_dict()))
+            self.tracker.log_inputs(  # MLflow's "Datasets": the shards, digest = manifest hash
+                [
+                    shard_dataset_input(cfg.data.shards, cfg.data.train_split, "training"),
+                    shard_dataset_input(cfg.data.shards, cfg.data.val_split, "validation"),
+                ]
+            )
             self.tracker.log_text(to_yaml(cfg), "config/resolved_config.yaml")
             self.tracker.log_text("\n".join(self.class_names) + "\n", "class_names.txt")
             self.tracker.set_tags(

@@ -171,6 +171,10 @@ def test_cli_prints_and_logs_to_mlflow(
     from pipeline.schema import manifest_sha256
 
     assert run.data.tags["eval.shards_sha256"] == manifest_sha256(synthetic_shards)
+    (dataset,) = client.get_run(run.info.run_id).inputs.dataset_inputs  # MLflow's "Datasets"
+    assert dataset.dataset.name == f"{synthetic_shards.name}/val"
+    assert dataset.dataset.digest == manifest_sha256(synthetic_shards)[:36]
+    assert [(t.key, t.value) for t in dataset.tags] == [("mlflow.data.context", "evaluation")]
 
 
 def test_cli_bad_input_is_one_clear_line(tmp_path, checkpoints, capsys):

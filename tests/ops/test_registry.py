@@ -89,6 +89,18 @@ def test_register_tags_and_candidate_alias(reg, checkpoints, synthetic_shards):
     probs = hand_probabilities(checkpoints[:2], images, 10)
     top1 = 1 - (probs.argmax(1) == torch.tensor(labels)).float().mean().item()
     assert abs(float(tags["eval.top1_error"]) - top1) <= 2 / 16
+    # the version page: its evaluation table and the runs behind it; the registration run lists the
+    # evaluation shards under "Datasets"
+    description = mv.description
+    top1_pct, top5_pct = (100 * float(tags[f"eval.{k}_error"]) for k in ("top1", "top5"))
+    row = f"| 2 | 10 | {top1_pct:.2f} % | {top5_pct:.2f} % | 16 | val |"
+    assert row in description.splitlines() and f"Member runs: -, `{reg.run_id}`" in description
+    assert f"Registration run: `{tags['registration_run']}`" in description
+    (dataset,) = client.get_run(tags["registration_run"]).inputs.dataset_inputs
+    assert (
+        dataset.dataset.digest == manifest_sha256(synthetic_shards)[:36]
+        and dataset.tags[0].value == "evaluation"
+    )
     # model files: explicit requirements without local versions, our packages as code
     local = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", tracking_uri=reg.uri)
     reqs = open(os.path.join(local, "requirements.txt")).read().split()

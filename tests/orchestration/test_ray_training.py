@@ -173,6 +173,24 @@ def test_ensemble_members_children_and_registration(ray_2cpu, tiny_cifar_shards,
     assert client.get_model_version("tiny-ens", version.version).tags["members"] == "2"
     assert outcome.promotion is not None and outcome.promotion.promoted
     assert client.get_run(outcome.parent_run_id).data.tags["registered_version"] == str(version.version)
+    # where users look in MLflow: the parent run's metrics are the ensemble's evaluation; every
+    # member run lists its shards under "Datasets" (digest = the manifest hash); the version's
+    # description is its evaluation table and its runs (before: no metrics, no datasets, no description)
+    tags = client.get_model_version("tiny-ens", version.version).tags
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.metrics["eval.top1_error"] == pytest.approx(float(tags["eval.top1_error"]))
+    from pipeline import manifest_sha256
+
+    digest = manifest_sha256(tiny_cifar_shards)[:36]
+    for member in outcome.members:
+        inputs = client.get_run(member.run_id).inputs.dataset_inputs
+        seen = {(d.dataset.name, d.dataset.digest, d.tags[0].value) for d in inputs}
+        name = Path(tiny_cifar_shards).name
+        assert seen == {(f"{name}/train", digest, "training"), (f"{name}/val", digest, "validation")}
+    description = client.get_model_version("tiny-ens", version.version).description
+    assert description.startswith("Ensemble of 2 Inception member(s), averaged; 1 crop(s) per image.")
+    assert f"{100 * float(tags['eval.top1_error']):.2f} %" in description
+    assert all(f"`{m.run_id}`" in description for m in outcome.members)  # a sqlite store: ids, no URLs
 
 
 def test_new_job_on_same_run_continues(ray_2cpu, tiny_cifar_shards, tmp_path):
