@@ -55,7 +55,7 @@ def summarize(trained, args) -> dict:
         from mlflow import MlflowClient
 
         history = MlflowClient(outcome.tracking_uri).get_metric_history(
-            outcome.members[0].run_id, "train_epoch_time_s"
+            outcome.members[0].run_id, "epoch/time_s"
         )
         summary["train_time_min"] = sum(h.value for h in history) / 60
     best = max(v for v in (summary["val_top1"], summary["val_ema_top1"]) if v is not None)

@@ -39,7 +39,8 @@ def _register(args) -> int:
     print(f"registered {mv.name} version {mv.version} (alias candidate)")
     for key in ("eval.top1_error", "eval.top5_error", "eval.shards_sha256"):
         if key in mv.tags:
-            print(f"  {key} = {mv.tags[key]}")
+            value = mv.tags[key]
+            print(f"  {key} = {value}" + (f" ({100 * float(value):.2f}%)" if key.endswith("_error") else ""))
     return 0
 
 
@@ -65,8 +66,9 @@ def _describe(args) -> int:
         tags = v.tags
         figures = (
             (
-                f"top-1 {tags['eval.top1_error']} top-5 {tags.get('eval.top5_error', '?')} "
-                f"on {tags.get('eval.shards_sha256', '?')[:12]}"
+                f"top-1 error {100 * float(tags['eval.top1_error']):.2f}% "
+                f"top-5 error {100 * float(tags.get('eval.top5_error', 'nan')):.2f}% "
+                f"on {tags.get('eval.num_samples', '?')} images of {tags.get('eval.shards_sha256', '?')[:12]}"
             )
             if "eval.top1_error" in tags
             else "not evaluated"

@@ -24,7 +24,44 @@ from pathlib import Path
 from typing import Any
 
 MAX_PARAM_LENGTH = 6000  # MLflow 3 param value limit (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
-CURVE_KEYS = ("train_loss", "val_loss", "val_top1", "val_ema_top1")
+# MLflow metric names (one name per quantity; accuracies and errors are fractions in [0, 1], the
+# name says which; every metric is on the global-step axis, and ``epoch`` is logged beside the
+# epoch's figures so that the MLflow UI can plot them against it):
+# - every ``tracking.log_every_steps`` steps: ``train/loss``, ``train/lr``, ``train/grad_norm``,
+#   ``train/images_per_sec``, ``train/loader_wait_frac``, ``train/step_time_s``, ``train/peak_memory_mib``
+#   (means over the window);
+# - at each epoch's end: the names below (``epoch/*``: over the whole epoch; ``val/*``: validation).
+EPOCH_METRIC_NAMES = {
+    "epoch": "epoch",
+    "train_loss": "epoch/train_loss",
+    "train_images_per_sec": "epoch/images_per_sec",
+    "train_loader_wait_frac": "epoch/loader_wait_frac",
+    "train_step_time_s": "epoch/step_time_s",
+    "train_epoch_time_s": "epoch/time_s",
+    "peak_memory_mib": "epoch/peak_memory_mib",
+    "val_top1": "val/top1_acc",
+    "val_top5": "val/top5_acc",
+    "val_loss": "val/loss",
+    "val_count": "val/images",
+    "val_ema_top1": "val/ema_top1_acc",
+    "val_ema_top5": "val/ema_top5_acc",
+    "val_ema_loss": "val/ema_loss",
+    "quarantined": "data/train_quarantined",
+    "val_quarantined": "data/val_quarantined",
+    "lr": None,  # train/lr at the same step
+    "step": None,  # the x axis
+}
+CURVE_KEYS = ("epoch/train_loss", "val/loss", "val/top1_acc", "val/ema_top1_acc")
+
+
+def epoch_metrics_for_mlflow(metrics: dict[str, float]) -> dict[str, float]:
+    """An epoch's figures under their MLflow names (:data:`EPOCH_METRIC_NAMES`; others as they are)."""
+    out = {}
+    for key, value in metrics.items():
+        name = EPOCH_METRIC_NAMES.get(key, key)
+        if name is not None:
+            out[name] = value
+    return out
 
 
 MAX_DIGEST = 36  # MLflow's dataset digest column
@@ -182,9 +219,9 @@ def git_commit(root: str | Path) -> str | None:
     return out.stdout.strip() or None
 
 
-def training_curves_figure(histories: dict[str, list[tuple[int, float]]]):
+def training_curves_figure(histories: dict[str, list[tuple[float, float]]], title: str = ""):
     """Loss (log scale: an early validation loss of ~40 would flatten every later point) and top-1
-    per epoch, one line per metric key."""
+    accuracy against the epoch, one line per metric; ``title`` names the run (member)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,14 +233,18 @@ def training_curves_figure(histories: dict[str, list[tuple[int, float]]]):
             continue
         ax = ax_loss if key.endswith("loss") else ax_acc
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key)
-    for ax, title in ((ax_loss, "loss (log scale)"), (ax_acc, "top-1 accuracy")):
+    for ax, ylabel in ((ax_loss, "loss (log scale)"), (ax_acc, "top-1 accuracy (fraction)")):
         ax.set_xlabel("epoch")
-        ax.set_title(title)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")
         if ax.lines:
             ax.legend()
+    ax_loss.set_title("training and validation loss")
+    ax_acc.set_title("validation top-1 accuracy (raw and EMA weights)")
     if ax_loss.lines:
         ax_loss.set_yscale("log")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -381,11 +422,13 @@ class RunTracker:
     def _log_training_curves(self, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
 
+        epoch_at = {m.step: m.value for m in self.client.get_metric_history(self.run_id, "epoch")}
         histories = {}
         for key in CURVE_KEYS:
             history = sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step)
-            histories[key] = [(m.step, m.value) for m in history]
-        fig = training_curves_figure(histories)
+            histories[key] = [(epoch_at.get(m.step, m.step), m.value) for m in history]
+        run = self.client.get_run(self.run_id)
+        fig = training_curves_figure(histories, title=f"{run.info.run_name} (run {self.run_id[:8]})")
         self.client.log_figure(self.run_id, fig, artifact_file)
         plt.close(fig)
 

@@ -407,8 +407,10 @@ class WorkerRun:
     def _end_of_epoch(self, checkpoint_dir: str, metrics: dict, epochs_done: int) -> None:
         """Rank 0 at an epoch's end: the epoch's metrics to MLflow, the console line with the ETA and,
         after the last epoch, the checkpoint and the training curves as artifacts."""
+        from ops.tracking import epoch_metrics_for_mlflow
+
         epochs = self.cfg.schedule.epochs
-        self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epochs_done)
+        self.tracker.log_metrics(epoch_metrics_for_mlflow(metrics), step=self.global_step)
         self.epoch_times.append(time.monotonic() - self.mark)
         self.mark = time.monotonic()
         eta = training_eta(self.epoch_times, epochs - epochs_done, self.members_after, epochs)

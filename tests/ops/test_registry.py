@@ -319,6 +319,9 @@ def test_cli_promote_and_describe(reg, capsys):
     assert registry_cli.main(["--tracking-uri", reg.uri, "describe", "--name", NAME]) == 0
     out = capsys.readouterr().out
     assert "v1 [" in out and "candidate" in out and "champion" in out and "members=2 crops=10" in out
+    tags = MlflowClient(tracking_uri=reg.uri).get_model_version(NAME, "1").tags
+    # an error says so, in percent (before: "top-1 0.625000", read as an accuracy)
+    assert f"top-1 error {100 * float(tags['eval.top1_error']):.2f}% " in out and "on 16 images of " in out
     assert registry_cli.main(["--tracking-uri", reg.uri, "promote", "--name", NAME, "--version", "99"]) == 1
     assert "has no version 99" in capsys.readouterr().err
     champion = registry.load_ensemble(f"models:/{NAME}@champion", tracking_uri=reg.uri)

@@ -198,6 +198,6 @@ def test_corrupt_sample_is_quarantined_by_all_ranks(ray_2cpu, tiny_cifar_shards,
     path = client.download_artifacts(outcome.members[0].run_id, "data/quarantine.json", str(tmp_path))
     assert [r["key"] for r in json.loads(Path(path).read_text())] == [key, val_key]
     metrics = client.get_run(outcome.members[0].run_id).data.metrics
-    assert metrics["quarantined"] == 1 and metrics["val_quarantined"] == 1
-    history = client.get_metric_history(outcome.members[0].run_id, "val_count")
+    assert metrics["data/train_quarantined"] == 1 and metrics["data/val_quarantined"] == 1
+    history = client.get_metric_history(outcome.members[0].run_id, "val/images")
     assert [m.value for m in history] == [len(val) - 1] * 2

@@ -34,8 +34,13 @@ def _cfg(shards, tmp_path, *overrides):
     )
 
 
-def _epoch_steps(client, run_id, key="val_top1"):
-    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)]
+def _epoch_steps(client, run_id, key="val/top1_acc"):
+    """The epoch each logged value of ``key`` belongs to (every metric is on the global-step axis;
+    ``epoch`` is logged beside the epoch's figures), in logging order."""
+    epoch_at = {m.step: int(m.value) for m in client.get_metric_history(run_id, "epoch")}
+    return [
+        epoch_at[m.step] for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    ]
 
 
 def test_two_workers_learn_and_track(ray_2cpu, small_cifar_shards, tmp_path):
@@ -47,8 +52,10 @@ def test_two_workers_learn_and_track(ray_2cpu, small_cifar_shards, tmp_path):
     (member,) = outcome.members
     client = MlflowClient(outcome.tracking_uri)
     run_id = member.run_id
-    losses = [m.value for m in sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)]
-    top1 = [m.value for m in sorted(client.get_metric_history(run_id, "val_top1"), key=lambda m: m.step)]
+    losses = [
+        m.value for m in sorted(client.get_metric_history(run_id, "epoch/train_loss"), key=lambda m: m.step)
+    ]
+    top1 = [m.value for m in sorted(client.get_metric_history(run_id, "val/top1_acc"), key=lambda m: m.step)]
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.3, losses
     assert max(top1[-2:]) > 0.17, top1  # chance is 0.1 on 200 test images (3.5 sigma ~ 0.07)
     assert member.metrics["val_count"] == 200.0 and member.metrics["epoch"] == 5
@@ -71,8 +78,17 @@ def test_two_workers_learn_and_track(ray_2cpu, small_cifar_shards, tmp_path):
     ):
         assert len(client.get_metric_history(run_id, key)) == 5 * 31 // 10, key
     assert _epoch_steps(client, run_id) == list(range(1, 6))
-    for key in ("val_ema_top1", "val_top5", "train_images_per_sec", "train_loader_wait_frac", "lr"):
+    for key in (
+        "val/ema_top1_acc",
+        "val/top5_acc",
+        "epoch/images_per_sec",
+        "epoch/loader_wait_frac",
+        "epoch",
+    ):
         assert len(client.get_metric_history(run_id, key)) == 5, key
+    # one name per quantity: the epoch's learning rate is train/lr's, and no old name is left
+    assert not {"lr", "train_loss", "val_top1"} & set(client.get_run(run_id).data.metrics)
+    assert [m.step for m in client.get_metric_history(run_id, "epoch")] == [31 * e for e in range(1, 6)]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config", "class_names.txt", "training_curves.png", "checkpoint"} <= artifacts
     assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == [
@@ -125,7 +141,7 @@ def test_killed_worker_resumes_exactly(ray_2cpu, tiny_cifar_shards, tmp_path):
 
     client = MlflowClient(broken.tracking_uri)
     (b,), (c,) = broken.members, clean.members
-    for key in ("val_top1", "train_loss", "val_ema_top1"):
+    for key in ("val/top1_acc", "epoch/train_loss", "val/ema_top1_acc"):
         assert _epoch_steps(client, b.run_id, key) == [1, 2, 3], key  # each epoch reported exactly once
     assert b.metrics["epoch"] == 3 and b.metrics["step"] == 21
     pb, pc = load_checkpoint(b.checkpoint_dir), load_checkpoint(c.checkpoint_dir)

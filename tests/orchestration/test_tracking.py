@@ -61,17 +61,33 @@ def test_training_curves_plot_loss_on_a_log_scale():
 
     fig = training_curves_figure(
         {
-            "train_loss": [(1, 2.5), (2, 2.0)],
-            "val_loss": [(1, 38.0), (2, 1.9)],
-            "val_top1": [(1, 0.1), (2, 0.3)],
-        }
+            "epoch/train_loss": [(1, 2.5), (2, 2.0)],
+            "val/loss": [(1, 38.0), (2, 1.9)],
+            "val/top1_acc": [(1, 0.1), (2, 0.3)],
+        },
+        title="demo-member0 (run 1234abcd)",
     )
     loss, acc = fig.axes
     assert loss.get_yscale() == "log" and acc.get_yscale() == "linear"
-    assert [line.get_label() for line in loss.lines] == ["train_loss", "val_loss"]
+    assert [line.get_label() for line in loss.lines] == ["epoch/train_loss", "val/loss"]
     assert list(loss.lines[1].get_ydata()) == [38.0, 1.9] and [line.get_label() for line in acc.lines] == [
-        "val_top1"
+        "val/top1_acc"
     ]
+    # labelled axes, and the run in the title (before: no y labels, no name)
+    assert (loss.get_xlabel(), loss.get_ylabel()) == ("epoch", "loss (log scale)")
+    assert (acc.get_xlabel(), acc.get_ylabel()) == ("epoch", "top-1 accuracy (fraction)")
+    assert fig._suptitle.get_text() == "demo-member0 (run 1234abcd)"
+
+
+def test_epoch_metrics_have_one_mlflow_name_each():
+    from ops.tracking import EPOCH_METRIC_NAMES, epoch_metrics_for_mlflow
+
+    got = epoch_metrics_for_mlflow(
+        {"epoch": 2, "step": 62, "lr": 0.1, "train_loss": 2.0, "val_top1": 0.3, "x": 1}
+    )
+    assert got == {"epoch": 2, "epoch/train_loss": 2.0, "val/top1_acc": 0.3, "x": 1}
+    names = [v for v in EPOCH_METRIC_NAMES.values() if v]
+    assert len(names) == len(set(names)) and not any(n.startswith("train/") for n in names)
 
 
 def test_child_runs_carry_parent(tmp_path):

@@ -110,8 +110,8 @@ def member_figures(mlflow_url: str, submitted_ms: int) -> list[dict]:
                 "step_time_s": median(step_time[steady]),
                 "first_window_s_after_submit": (rate[0].timestamp - submitted_ms) / 1000 if rate else None,
                 "compile_warmup_s": warmup,
-                "epoch_images_per_s": run.data.metrics.get("train_images_per_sec"),
-                "epoch_loader_wait_frac": run.data.metrics.get("train_loader_wait_frac"),
+                "epoch_images_per_s": run.data.metrics.get("epoch/images_per_sec"),
+                "epoch_loader_wait_frac": run.data.metrics.get("epoch/loader_wait_frac"),
             }
         )
     return out
