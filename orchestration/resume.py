@@ -117,7 +117,15 @@ class DataCheckError(RuntimeError):
     """The data and the run disagree (class count, shards changed since the checkpoint, batch split)."""
 
 
-REFUSED_KEY = "refused"  # the one metric a worker reports when a DataCheckError ends it (no retries)
+REFUSED_FILE = "refused.txt"  # <storage_path>/<name>/: why the workers refused to run (not retried)
+
+
+def refusal_file(cfg: TrainConfig) -> Path | None:
+    """Where rank 0 leaves a DataCheckError for the driver: the run's folder on local (or mounted)
+    storage; None for remote storage, where the error is raised and Ray retries it."""
+    if "://" in cfg.checkpoint.storage_path:
+        return None
+    return Path(cfg.checkpoint.storage_path) / cfg.checkpoint.name / REFUSED_FILE
 
 
 DATA_STATE_FILE = "data_state.json"  # beside checkpoint.pt: what the driver checks before a resume

@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestration.config import TrainConfig
 from orchestration.console import TRAIN_LOG_LEVEL
-from orchestration.resume import REFUSED_KEY, DataCheckError, check_before_resume, check_before_start
+from orchestration.resume import DataCheckError, check_before_resume, check_before_start, refusal_file
 from orchestration.worker import train_worker
 
 
@@ -86,11 +86,16 @@ def fit_member(
     """Train one model to the end (resuming a previous run of the same name) and describe the result."""
     check_before_start(cfg)
     check_before_resume(cfg)
+    refused = refusal_file(cfg)
+    if refused is not None:
+        refused.unlink(missing_ok=True)  # an earlier job's
     result = build_trainer(cfg, run_id, tracking_uri, index, members_after).fit()
+    if refused is not None and refused.exists():  # a data or settings check the workers made: no retry
+        message = refused.read_text()
+        refused.unlink()
+        raise DataCheckError(message)
     if result.error is not None:
         raise result.error
-    if REFUSED_KEY in (result.metrics or {}):  # a data or settings check the workers made, not retried
-        raise DataCheckError(result.metrics[REFUSED_KEY])
     epochs: list[int] = []
     for _, metrics in result.best_checkpoints or []:
         epochs.append(int(metrics.get("epoch", -1)))

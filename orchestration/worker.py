@@ -36,12 +36,12 @@ from orchestration.console import epoch_line, progress_line, silence_report_line
 from orchestration.loop import LoopSettings, evaluate, train_one_epoch
 from orchestration.optim import loss_weight_decay
 from orchestration.resume import (
-    REFUSED_KEY,
     DataCheckError,
     check_resume_data,
     check_resume_schedule,
     gather_rng_states,
     load_resume_payload,
+    refusal_file,
     restore_training_state,
     write_data_state,
 )
@@ -118,12 +118,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     try:
         WorkerRun(cfg, loop_config).run()
     except DataCheckError as exc:
-        # Data and settings that a retry would meet again: reported (every rank meets the same
-        # check) instead of raised, so that Ray does not retry checkpoint.max_failures times with a
-        # traceback each; the driver raises it as one line (trainer.fit_member).
+        # Data and settings that a retry would meet again (every rank meets the same check): left
+        # for the driver instead of raised, so that Ray does not retry checkpoint.max_failures
+        # times with a traceback each; the driver raises it as one line (trainer.fit_member).
+        # Ray Train keeps no metrics-only report, so the message goes through the run's folder.
         import ray.train
 
-        ray.train.report({REFUSED_KEY: str(exc)})
+        where = refusal_file(cfg)
+        if where is None:
+            raise
+        if ray.train.get_context().get_world_rank() == 0:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            where.write_text(str(exc))
 
 
 class WorkerRun:

@@ -62,7 +62,7 @@ def _live_actors(dashboard_url: str, classes: tuple[str, ...]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_loopback_head_is_reached_and_ctrl_c_stops_a_waiting_job(tmp_path):
+def test_a_loopback_head_is_reached_and_ctrl_c_stops_a_waiting_job(tmp_path, monkeypatch):
     """`--address 127.0.0.1:PORT` (what `inception-cluster up` prints) connects (before: Ray turned it
     into the machine's external address and retried forever); the dashboard URL as RAY_ADDRESS is one
     line naming both ways; a job waiting for CPUs the cluster lacks stops on Ctrl-C (before: nothing
@@ -73,14 +73,15 @@ def test_a_loopback_head_is_reached_and_ctrl_c_stops_a_waiting_job(tmp_path):
     from ops import cluster
     from orchestration.demo import build_demo_shards
 
+    # a head without token auth, whatever an earlier test left in the environment (the dashboard's
+    # state API is read below without a token)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     shards = tmp_path / "shards"
     build_demo_shards(shards)
     state_dir = tmp_path / "cluster"
     state_dir.mkdir()
     ports = {"ray": 0, "dashboard": 0, "client": 0, "agent": 0}
     head = cluster.start_ray(state_dir.resolve(), 1, ports, timeout=120)
-    # the head's own auth mode (ops.cluster starts it with the caller's RAY_AUTH_MODE, else none),
-    # without any address a previous test left in the environment
     env = {k: v for k, v in cluster.client_env().items() if k != "RAY_ADDRESS"}
     cmd = [
         sys.executable, "orchestration/train.py", "--config", "configs/demo.yaml",
