@@ -109,6 +109,25 @@ def check_device(device: str | None) -> None:
 
 
 NO_TRACKING = ("none", "")
+MODEL_HELP = "models:/NAME@alias (or models:/NAME/VERSION), or one or more checkpoint folders"
+REGISTRY_HELP = "MLflow registry for models:/ URIs (default: $MLFLOW_TRACKING_URI)"
+
+
+def add_model_arguments(p: argparse.ArgumentParser, tracking_help: str = REGISTRY_HELP) -> None:
+    """``--model`` and ``--tracking-uri``, as every command that loads members takes them."""
+    p.add_argument("--model", nargs="+", required=True, help=MODEL_HELP)
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help=tracking_help)
+
+
+def registry_needed(model: Sequence[str], tracking_uri: str | None) -> str | None:
+    """The one-line error for a ``models:/`` URI without a registry to load it from (None: fine)."""
+    if tracking_uri is None or tracking_uri.strip().lower() in NO_TRACKING:
+        if model and model[0].startswith("models:/"):
+            return (
+                f"{model[0]} is loaded from an MLflow registry: give --tracking-uri URI (or set "
+                "MLFLOW_TRACKING_URI)"
+            )
+    return None
 
 
 def tracking_plan(
@@ -116,12 +135,10 @@ def tracking_plan(
 ) -> tuple[str | None, str | None]:
     """``(registry to load from, tracking URI to log to)``; ValueError before any work when a
     ``models:/`` URI has no registry to come from."""
+    problem = registry_needed(model, tracking_uri)
+    if problem:
+        raise ValueError(f"{problem}; add --no-log to print the table without logging it")
     uri = None if tracking_uri is None or tracking_uri.strip().lower() in NO_TRACKING else tracking_uri
-    if model and model[0].startswith("models:/") and uri is None:
-        raise ValueError(
-            f"{model[0]} is loaded from an MLflow registry: give --tracking-uri URI (or set "
-            "MLFLOW_TRACKING_URI); add --no-log to print the table without logging it"
-        )
     return uri, (None if no_log else uri)
 
 
@@ -131,11 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        nargs="+",
-        required=True,
-        help="models:/NAME@alias (or models:/NAME/VERSION), or one or more checkpoint directories",
+    add_model_arguments(
+        p,
+        "MLflow server or store: the registry models:/ URIs load from, and where the table is logged "
+        "(default: $MLFLOW_TRACKING_URI; none: neither, for checkpoint folders)",
     )
     p.add_argument("--shards", required=True, help="shard folder made by build-shards")
     p.add_argument("--split", default="val", help="split of the shard folder to evaluate")
@@ -162,12 +178,6 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-size", type=positive_int, default=32, help="images per batch (fewer when crops are many)"
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    p.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI"),
-        help="MLflow server or store: the registry models:/ URIs load from, and where the table is "
-        "logged (default: $MLFLOW_TRACKING_URI; none: neither, for checkpoint folders)",
-    )
     p.add_argument("--no-log", action="store_true", help="print the table only; log nothing to MLflow")
     p.add_argument("--experiment", default="inception-evaluate", help="MLflow experiment of the logged run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

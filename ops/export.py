@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -128,17 +127,14 @@ def log_to_registry(model_uri: str, path: Path, tracking_uri: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from ops.evaluate_cli import add_model_arguments
+
     p = argparse.ArgumentParser(
         prog="inception-export",
         description="Export a registered ensemble (members averaged in the graph), or one member, as ONNX.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        nargs="+",
-        required=True,
-        help="models:/NAME@alias (or models:/NAME/VERSION), or one or more checkpoint folders",
-    )
+    add_model_arguments(p)
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument(
         "--member", type=int, default=0, help="export member K alone (1-based); 0: the whole ensemble"
@@ -157,26 +153,20 @@ def parser() -> argparse.ArgumentParser:
         "itself moves ~1e-4 between batch sizes)",
     )
     p.add_argument("--log", action="store_true", help="add the file to the registered version's run")
-    p.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI"),
-        help="MLflow registry for models:/ URIs (default: $MLFLOW_TRACKING_URI)",
-    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from ops.evaluate_cli import registry_needed
     from ops.predict import load_ensemble
     from ops.registry import RegistryError
     from pipeline.config import NORMALIZATIONS
 
     registered = args.model[0].startswith("models:/")
-    if registered and not args.tracking_uri:
-        print(
-            f"inception-export: error: {args.model[0]} needs --tracking-uri (or MLFLOW_TRACKING_URI)",
-            file=sys.stderr,
-        )
+    problem = registry_needed(args.model, args.tracking_uri)
+    if problem:
+        print(f"inception-export: error: {problem}", file=sys.stderr)
         return 2
     if args.log and not registered:
         print(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -160,6 +159,7 @@ def write(predictions: list[Prediction], fmt: str, out) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from ops.evaluate_cli import add_model_arguments
     from pipeline.multicrop import SUPPORTED_CROPS
 
     p = argparse.ArgumentParser(
@@ -168,17 +168,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) and tar archives")
-    p.add_argument(
-        "--model",
-        nargs="+",
-        required=True,
-        help="models:/NAME@alias (or models:/NAME/VERSION), or one or more checkpoint folders",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI"),
-        help="MLflow registry for models:/ URIs (default: $MLFLOW_TRACKING_URI)",
-    )
+    add_model_arguments(p)
     p.add_argument(
         "--crops",
         type=int,
@@ -196,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from ops.evaluate_cli import check_device
+    from ops.evaluate_cli import check_device, registry_needed
     from ops.registry import RegistryError
     from ops.tracking import quiet_mlflow_console
 
@@ -204,12 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 0:
         print("inception-predict: error: --top-k must be >= 0 (0: every class)", file=sys.stderr)
         return 2
-    if args.model[0].startswith("models:/") and not args.tracking_uri:
-        print(
-            f"inception-predict: error: {args.model[0]} is loaded from an MLflow registry: give "
-            "--tracking-uri URI (or set MLFLOW_TRACKING_URI)",
-            file=sys.stderr,
-        )
+    problem = registry_needed(args.model, args.tracking_uri)
+    if problem:
+        print(f"inception-predict: error: {problem}", file=sys.stderr)
         return 2
     try:
         check_device(args.device)
