@@ -158,6 +158,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from ops.checkpoint import CheckpointError
     from ops.evaluate_cli import registry_needed
     from ops.predict import load_ensemble
     from ops.registry import RegistryError
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         ens = load_ensemble(args.model, args.tracking_uri, 1, "cpu")
-    except (ValueError, OSError, RegistryError) as exc:
+    except (ValueError, OSError, RegistryError, CheckpointError) as exc:
         print(f"inception-export: error: {exc}", file=sys.stderr)
         return 2
     if not 0 <= args.member <= len(ens.members):

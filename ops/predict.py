@@ -186,6 +186,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from ops.checkpoint import CheckpointError
     from ops.evaluate_cli import check_device, registry_needed
     from ops.registry import RegistryError
     from ops.tracking import quiet_mlflow_console
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_device(args.device)
         ens = load_ensemble(args.model, args.tracking_uri, args.crops, args.device)
-    except (ValueError, OSError, RegistryError) as exc:
+    except (ValueError, OSError, RegistryError, CheckpointError) as exc:
         print(f"inception-predict: error: {exc}", file=sys.stderr)
         return 2
     predictions, failed = predict(ens, iter_inputs(args.inputs), args.top_k, not args.no_progress)

@@ -108,3 +108,11 @@ def test_registered_version_as_csv_and_table(images, checkpoints, tmp_path, caps
     )
     assert predict.main([str(root / "img4.jpg"), "--model", model, "--tracking-uri", ""]) == 2
     assert "is loaded from an MLflow registry" in capsys.readouterr().err
+
+
+def test_a_missing_model_folder_is_one_line(tmp_path, capsys):
+    """Before: a CheckpointError traceback."""
+    assert predict.main([str(tmp_path), "--model", str(tmp_path / "nope"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"inception-predict: error: no checkpoint.pt in {tmp_path / 'nope'}: not a checkpoint directory\n"
+    )
