@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pipeline.storage import StorageOptions
 
 # ImageNet statistics in [0, 255] units (torchvision/timm "imagenet" normalisation).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -63,6 +65,16 @@ class DataConfig:
     # largest image (DALI's ResNet-50 example) so that no epoch reallocates; off for small images,
     # where those buffers only cost memory and pipeline build time.
     dali_preallocate: bool = True
+    # Shards on object storage (data.shards=s3://bucket/prefix; pipeline.storage, pipeline.shard_cache):
+    # explicit endpoint/region/profile (credentials only from the environment or an AWS profile)
+    storage_options: StorageOptions = field(default_factory=StorageOptions)
+    # the node-local cache of whole shards, shared by the node's ranks ("": a folder under the temp dir)
+    cache_dir: str = ""
+    # its byte budget (0: 80% of the cache folder's free space); must hold the largest shard
+    cache_bytes: int = 0
+    # whole shards are fetched ahead for the next cache_ahead_steps global steps (0: none ahead; then
+    # only the range reads of each batch)
+    cache_ahead_steps: int = 64
 
     def __post_init__(self) -> None:
         checks = {
@@ -77,6 +89,8 @@ class DataConfig:
             "prefetch": self.prefetch >= 1,
             "open_shards": self.open_shards >= 1,
             "global_batch": self.global_batch >= 0,
+            "cache_bytes": self.cache_bytes >= 0,
+            "cache_ahead_steps": self.cache_ahead_steps >= 0,
             "crop_area": 0 < self.crop_area[0] <= self.crop_area[1] <= 1,
             "crop_aspect": 0 < self.crop_aspect[0] <= self.crop_aspect[1],
         }

@@ -177,6 +177,7 @@ class DaliLoader(OrderedLoader):
         """``(sample indices, labels, external_source outputs)`` of one batch (called by the
         ``Feeder``); None for an evaluation batch whose samples are all quarantined."""
         ids, labels, jpegs, anchors, shapes, mirrors, colors = [], [], [], [], [], [], []
+        self.reader.prefetch(batch.ids)  # object storage: the batch's uncached samples, coalesced
         for i, pos in zip(batch.ids, batch.positions, strict=True):
             while True:
                 j = self.resolve(i, int(pos))

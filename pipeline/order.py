@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.augment import color_params, crop_params
 from pipeline.checksums import ShardHashCheck, default_marker_dir
 from pipeline.samples import (
@@ -177,6 +178,23 @@ def check_split_size(order: SampleOrder, split: str, shards: str) -> None:
         )
 
 
+def open_remote(table: SampleTable, cfg):
+    """The reads of a table on object storage through the node's shard cache (``data.cache_*``);
+    a budget that cannot hold the largest shard is one line, before any read."""
+    from pipeline.shard_cache import RemoteShards, default_budget, default_cache_dir
+
+    cache_dir = cfg.cache_dir or default_cache_dir()
+    budget = cfg.cache_bytes or default_budget(cache_dir)
+    largest = max(table.sizes, default=0)
+    if cfg.cache_bytes and largest > budget:
+        raise ShardFormatError(
+            f"data.cache_bytes={budget} cannot hold the largest shard of {table.location} ({largest} bytes); "
+            "raise it (several shards' worth, ideally the whole split)"
+        )
+    ahead = cfg.cache_ahead_steps * cfg.batch_size * 1  # positions; scaled by the world size below
+    return RemoteShards(table, cache_dir, budget, ahead, max_open=cfg.open_shards, prefetch=ahead > 0)
+
+
 # --- what both backends share -----------------------------------------------------------------------
 class OrderedLoader:
     """The state every backend's loader keeps: the split's table, its quarantine, the order, the epoch
@@ -189,17 +207,21 @@ class OrderedLoader:
     def __init__(self, cfg, split: str, rank: int, world_size: int, mode: str, crops: int = 1) -> None:
         self.cfg, self.split, self.mode = cfg, split, mode
         self.crops = crops if mode == "multicrop" else 1
-        self.table = SampleTable.load(cfg.shards, split)
+        storage.configure(cfg.storage_options)
+        self.table = SampleTable.load(cfg.shards, split, cfg.cache_dir)
         self.quarantine = Quarantine(self.table)
         prepare_table(self.table, self.quarantine, cfg.skip_corrupt)
         self.order = SampleOrder(
             self.table, self.quarantine, cfg.seed, cfg.batch_size, rank, world_size, train=mode == "train"
         )
         check_split_size(self.order, split, cfg.shards)
-        self.reader = SampleReader(self.table, cfg.open_shards)
-        self.hash_check = (
+        self.remote = open_remote(self.table, cfg) if self.table.remote else None
+        if self.remote is not None and mode == "train":
+            self.remote.ahead *= world_size  # steps of the whole job
+        self.reader = SampleReader(self.table, cfg.open_shards, self.remote)
+        self.hash_check = (  # a cached shard's sha256 is checked as it is downloaded
             ShardHashCheck(self.table.tars, self.table.sha256, default_marker_dir(), self.table.sizes)
-            if cfg.verify_sha256 and self.table.sha256
+            if cfg.verify_sha256 and self.table.sha256 and not self.table.remote
             else None
         )
         self._last_step: int | None = None
@@ -237,6 +259,9 @@ class OrderedLoader:
 
     def plan(self) -> list[Batch]:
         batches = self.order.batches(self.epoch, self.start if self.mode == "train" else 0)
+        if self.remote is not None:
+            self.remote.raise_if_failed()
+            self.remote.plan(self.table.tar_of[self.upcoming_ids()])
         if self.hash_check is not None:
             self.hash_check.raise_if_failed()  # what the previous pass's last batch did not see
             self._last_step = batches[-1].step if batches else None
@@ -251,10 +276,24 @@ class OrderedLoader:
         self.last_batch = Batch(np.asarray(ids, dtype=np.int64), batch.positions, batch.step)
         if self.mode == "train":
             self.position = self.start + (batch.step + 1) * self.order.global_batch
+        if self.remote is not None:
+            g = self.order.global_batch if self.mode == "train" else self.batch_size
+            self.remote.advance((batch.step + 1) * g)
         if self.hash_check is not None:
             if batch.step == self._last_step:  # a pass does not end before its tars are checked
                 self.hash_check.wait()
             self.hash_check.raise_if_failed()
+
+    def upcoming_ids(self) -> np.ndarray:
+        """The samples the node reads from here, in order: the rest of the training epoch and the next
+        epoch (all ranks: their batches interleave), or this rank's evaluation pass. What the shard
+        cache fills ahead from and evicts by."""
+        if self.mode != "train":
+            return np.concatenate([b.ids for b in self.order.batches(self.epoch)] or [np.empty(0, np.int64)])
+        ids = self.order.epoch_ids(self.epoch)
+        g = self.order.global_batch
+        usable = (len(ids) - self.start) // g * g
+        return np.concatenate([ids[self.start : self.start + usable], self.order.epoch_ids(self.epoch + 1)])
 
     def bad_sample(self, i: int, reason: object) -> None:
         """A sample failed to decode: the named error, or quarantine it (named once)."""

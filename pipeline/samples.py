@@ -25,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.schema import (
     IMAGE_EXT,
     LABEL_EXT,
     ShardFormatError,
     load_manifest,
+    parse_index,
     read_index,
+    remote_listing,
     split_files,
     truncated_samples,
 )
@@ -69,21 +72,34 @@ class SampleTable:
     truncated: dict[int, str] = field(default_factory=dict)  # sample -> reason (tar shorter than index)
     sha256: tuple[str, ...] = ()  # per tar, from the manifest
     sizes: tuple[int, ...] = ()  # per tar, bytes, from the manifest
+    location: str = ""  # the shard folder or object-store prefix the table was loaded from
+    etags: tuple[str, ...] = ()  # per tar, the object's ETag (object storage only)
+
+    @property
+    def remote(self) -> bool:
+        return storage.is_remote(self.location)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     @classmethod
-    def load(cls, shards: str, split: str) -> SampleTable:
+    def load(cls, shards: str, split: str, cache_dir: str = "") -> SampleTable:
+        """The table of a split; on object storage the index files are kept in ``cache_dir`` (the
+        node's shard cache: ``data.cache_dir``)."""
         if not shards:
             raise ShardFormatError("data.shards is empty: set it to a folder made by `build-shards`")
         manifest = load_manifest(shards)
         info = manifest.split(split)
         tars, idxs = split_files(shards, split)
+        remote = storage.is_remote(shards)
+        listing = remote_listing(shards) if remote else {}
+        index_texts = (
+            _remote_indexes(shards, [sh.index for sh in info.shards], listing, cache_dir) if remote else None
+        )
         keys, tar_of, jpg, lbl, truncated = [], [], [], [], {}
         for t, (tar, idx, sh) in enumerate(zip(tars, idxs, info.shards, strict=True)):
             try:
-                _, entries = read_index(idx)
+                _, entries = parse_index(index_texts[t]) if remote else read_index(idx)
             except ValueError as exc:
                 raise ShardFormatError(f"{idx}: {exc}") from None
             if len(entries) != sh.count:
@@ -91,14 +107,20 @@ class SampleTable:
                     f"{idx} lists {len(entries)} samples, the manifest {sh.count}: "
                     "rebuild or re-index the shards"
                 )
-            size = os.stat(tar).st_size
+            size = listing[sh.tar][0] if remote else os.stat(tar).st_size
+            if remote and size != sh.bytes:  # an object is replaced whole, never cut
+                raise ShardFormatError(
+                    f"{tar} is {size} bytes but the manifest says {sh.bytes}: the object was replaced "
+                    f"after build-shards; upload the shard set again (`verify-shards {shards}` names every "
+                    "such object)"
+                )
             if sh.bytes and size > sh.bytes:  # shorter: the cut samples are named below
                 raise ShardFormatError(
                     f"{Path(tar).name} is {size} bytes but the manifest says {sh.bytes}: this is not the "
                     f"shard the manifest describes (another file, or another build's); copy the shard "
                     f"folder again or rebuild it (`verify-shards {shards}` names every such file)"
                 )
-            cut = dict(truncated_samples(tar, idx, entries))
+            cut = dict(truncated_samples(tar, idx, entries, size=size))
             for sample in entries:
                 key = sample[0][3].partition(".")[0]
                 comps = {ext: (offset, size) for ext, offset, size, _ in sample}
@@ -121,6 +143,8 @@ class SampleTable:
             truncated=truncated,
             sha256=tuple(sh.sha256 for sh in info.shards),
             sizes=tuple(sh.bytes for sh in info.shards),
+            location=str(shards),
+            etags=tuple(listing[sh.tar][1] for sh in info.shards) if remote else (),
         )
 
     def name(self, i: int) -> tuple[str, str]:
@@ -131,6 +155,37 @@ class SampleTable:
         if not hasattr(self, "_by_name"):
             self._by_name = {self.name(i): i for i in range(len(self))}
         return self._by_name.get((shard, key))
+
+
+def _remote_indexes(
+    url: str, names: list[str], listing: dict[str, tuple[int, str]], cache_dir: str
+) -> list[str]:
+    """The index files of a prefix, read once per node: kept beside the node's shard cache, keyed by
+    their ETag (a replaced index is read again); fetched concurrently."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.shard_cache import default_cache_dir, index_cache_path
+
+    client = storage.client_for(url)
+
+    def one(name: str) -> str:
+        path = index_cache_path(cache_dir or default_cache_dir(), url, name, listing[name][1])
+        try:
+            return path.read_text(encoding="utf-8")
+        except (FileNotFoundError, UnicodeDecodeError):
+            pass
+        try:
+            data = client.get(name)
+        except storage.ObjectStoreError as exc:
+            raise ShardFormatError(str(exc)) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return data.decode("utf-8")
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(one, names))
 
 
 class SampleReader:
@@ -144,15 +199,26 @@ class SampleReader:
     next to each other in the tar. Safe to use from several threads; ``close()`` closes every file
     (as does garbage collection)."""
 
-    def __init__(self, table: SampleTable, max_open: int = MAX_OPEN_TARS) -> None:
+    def __init__(self, table: SampleTable, max_open: int = MAX_OPEN_TARS, remote=None) -> None:
         if max_open < 1:
             raise ValueError(f"max_open must be >= 1, got {max_open}")
+        if table.remote and remote is None:
+            raise ValueError(f"{table.location}: a reader of object storage needs its RemoteShards")
         self.table, self.max_open = table, max_open
+        self.remote = remote  # pipeline.shard_cache.RemoteShards for s3:// shards
         self._fds: OrderedDict[int, int] = OrderedDict()  # tar index -> descriptor, oldest use first
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _close_fds, self._fds)
 
     def _read(self, t: int, offset: int, size: int) -> bytes:
+        if self.remote is not None:
+            data = self.remote.read(t, offset, size)
+            if len(data) != size:
+                raise ShardTruncatedError(
+                    f"truncated: its data ends at byte {offset + size} but {self.table.tars[t]} ends at "
+                    f"byte {offset + len(data)} (the object changed while it was read)"
+                )
+            return data
         with self._lock:  # a descriptor is never closed (and its number reused) while it is read
             fd = self._fds.pop(t, None)
             if fd is None:
@@ -168,6 +234,22 @@ class SampleReader:
                 f"ends at byte {end} (the file shrank while it was read)"
             )
         return data
+
+    def span(self, i: int) -> tuple[int, int, int] | None:
+        """``(tar, offset, size)`` of the one read that gives sample ``i``; None when it takes two."""
+        jo, js = (int(v) for v in self.table.jpg[i])
+        lo, ls = (int(v) for v in self.table.lbl[i])
+        start, end = min(jo, lo), max(jo + js, lo + ls)
+        if end - start > js + SPAN_SLACK:
+            return None
+        return int(self.table.tar_of[i]), start, end - start
+
+    def prefetch(self, ids) -> None:
+        """Samples about to be read (a batch): on object storage, those no cached shard holds are
+        fetched now, by coalesced range requests. Nothing to do for a folder."""
+        if self.remote is not None:
+            spans = [s for s in (self.span(int(i)) for i in ids) if s is not None]
+            self.remote.fetch_batch(spans)
 
     def sample(self, i: int) -> tuple[memoryview, int]:
         """``(JPEG bytes, label)`` of sample ``i``: the JPEG a view of the bytes read (no second copy)."""
@@ -192,17 +274,19 @@ class SampleReader:
         return struct.unpack("<i", self._read(int(self.table.tar_of[i]), int(off), 4))[0]
 
     def open_files(self) -> int:
-        return len(self._fds)
+        return len(self._fds) + (len(self.remote._fds) if self.remote is not None else 0)
 
     def close(self) -> None:
         with self._lock:
             _close_fds(self._fds)
+        if self.remote is not None:
+            self.remote.close()
 
     def __getstate__(self):  # a spawned DataLoader worker opens the tars itself
-        return {"table": self.table, "max_open": self.max_open}
+        return {"table": self.table, "max_open": self.max_open, "remote": self.remote}
 
     def __setstate__(self, state) -> None:
-        self.__init__(state["table"], state["max_open"])
+        self.__init__(state["table"], state["max_open"], state.get("remote"))
 
 
 def _close_fds(fds: OrderedDict) -> None:

@@ -14,6 +14,9 @@ Sample components (``<key>.<ext>``):
             ``fn.readers.webdataset(ext=[..., "lbl"], dtypes=[..., types.INT32])`` reads labels
             without a Python callback in the hot path
 - ``json``: source path, class name/synset (optional metadata, never read in the hot path)
+
+A shard location is a folder or an object-store prefix (``s3://bucket/prefix``, ``pipeline.storage``):
+``load_manifest``, ``manifest_sha256`` and ``split_files`` take either.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline import storage
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -155,27 +160,84 @@ def load_manifest(folder: str | Path) -> Manifest:
         raise ShardFormatError(
             "no shard folder given (data.shards is empty): set it to a folder made by `build-shards`"
         )
-    path = Path(folder) / MANIFEST_NAME
-    if not Path(folder).is_dir():
-        raise ShardFormatError(f"shard folder {folder} does not exist; build it with `build-shards`")
-    if not path.is_file():
-        raise ShardFormatError(f"{path} is missing: is {folder} a shard folder made by `build-shards`?")
+    if storage.is_remote(folder):
+        data = _remote_manifest_bytes(str(folder))
+        where = storage.join(str(folder), MANIFEST_NAME)
+    else:
+        path = Path(folder) / MANIFEST_NAME
+        if not Path(folder).is_dir():
+            raise ShardFormatError(f"shard folder {folder} does not exist; build it with `build-shards`")
+        if not path.is_file():
+            raise ShardFormatError(f"{path} is missing: is {folder} a shard folder made by `build-shards`?")
+        data, where = path.read_bytes(), str(path)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ShardFormatError(f"{path}: not valid JSON ({exc})") from exc
-    return Manifest.from_dict(data, where=str(path))
+        parsed = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardFormatError(f"{where}: not valid JSON ({exc})") from exc
+    return Manifest.from_dict(parsed, where=where)
+
+
+def _remote_manifest_bytes(url: str) -> bytes:
+    """The manifest of a prefix, once per process (the loaders, the worker and tracking all ask)."""
+    if url not in _REMOTE_MANIFESTS:
+        try:
+            _REMOTE_MANIFESTS[url] = storage.client_for(url).get(MANIFEST_NAME)
+        except storage.ObjectStoreError as exc:
+            hint = f": is {url} a shard set uploaded by `build-shards SRC {url}`?"
+            hint = hint if "no such object" in str(exc) else ""
+            raise ShardFormatError(f"{exc}{hint}") from None
+    return _REMOTE_MANIFESTS[url]
+
+
+_REMOTE_MANIFESTS: dict[str, bytes] = {}
+
+
+def forget_remote(url: str | None = None) -> None:
+    """Read remote manifests and listings again (after an upload, or in tests)."""
+    if url is None:
+        _REMOTE_MANIFESTS.clear()
+        _REMOTE_LISTINGS.clear()
+    else:
+        _REMOTE_MANIFESTS.pop(str(url), None)
+        _REMOTE_LISTINGS.pop(str(url), None)
 
 
 def manifest_sha256(folder: str | Path) -> str:
     """Hash of ``manifest.json``: identifies a shard set in MLflow tags and promotion gates."""
+    if storage.is_remote(folder):
+        return hashlib.sha256(_remote_manifest_bytes(str(folder))).hexdigest()
     return hashlib.sha256((Path(folder) / MANIFEST_NAME).read_bytes()).hexdigest()
 
 
+_REMOTE_LISTINGS: dict[str, dict[str, tuple[int, str]]] = {}
+
+
+def remote_listing(url: str) -> dict[str, tuple[int, str]]:
+    """Every object under a prefix: name -> ``(size, ETag)``, one LIST per process."""
+    if url not in _REMOTE_LISTINGS:
+        try:
+            _REMOTE_LISTINGS[url] = storage.client_for(url).list()
+        except storage.ObjectStoreError as exc:
+            raise ShardFormatError(str(exc)) from None
+    return _REMOTE_LISTINGS[url]
+
+
 def split_files(folder: str | Path, split: str) -> tuple[list[str], list[str]]:
-    """Absolute tar and index paths of a split, in manifest order; errors name a missing file."""
-    folder = Path(folder).resolve()
+    """Absolute tar and index paths (URLs on object storage) of a split, in manifest order; errors
+    name a missing file."""
     info = load_manifest(folder).split(split)
+    if storage.is_remote(folder):
+        listing = remote_listing(str(folder))
+        for sh in info.shards:
+            for name in (sh.tar, sh.index):
+                if name not in listing:
+                    where = storage.join(str(folder), name)
+                    raise ShardFormatError(f"{where} listed in the manifest is missing")
+        return (
+            [storage.join(str(folder), sh.tar) for sh in info.shards],
+            [storage.join(str(folder), sh.index) for sh in info.shards],
+        )
+    folder = Path(folder).resolve()
     tars, idxs = [], []
     for sh in info.shards:
         for name in (sh.tar, sh.index):
@@ -189,7 +251,12 @@ def split_files(folder: str | Path, split: str) -> tuple[list[str], list[str]]:
 def read_index(path: str | Path) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
     """A DALI v1.2 index: ``(declared count, per sample [(ext, data offset, size, member name), ...])``;
     ValueError names the line that breaks the format."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return parse_index(Path(path).read_text(encoding="utf-8"))
+
+
+def parse_index(text: str) -> tuple[int, list[list[tuple[str, int, int, str]]]]:
+    """``read_index`` of an index's text."""
+    lines = text.splitlines()
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
         raise ValueError(f"first line must be '{INDEX_VERSION} <count>', got {lines[:1]}")
@@ -205,11 +272,14 @@ def read_index(path: str | Path) -> tuple[int, list[list[tuple[str, int, int, st
     return int(head[1]), samples
 
 
-def truncated_samples(tar: str | Path, idx: str | Path, entries: list | None = None) -> list[tuple[str, str]]:
+def truncated_samples(
+    tar: str | Path, idx: str | Path, entries: list | None = None, size: int | None = None
+) -> list[tuple[str, str]]:
     """``(key, reason)`` of every sample whose bytes, by the index's offsets, extend past the end of
     the tar: what a cut-off copy or an interrupted transfer leaves. Reads the index (unless its
-    ``entries`` are given) and one stat."""
-    size = Path(tar).stat().st_size
+    ``entries`` are given) and one stat (unless the tar's ``size`` is given)."""
+    if size is None:
+        size = Path(tar).stat().st_size
     if entries is None:
         _, entries = read_index(idx)
     out = []

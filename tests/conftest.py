@@ -46,3 +46,30 @@ def real_data_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"REAL_DATA_DIR={value} is not a directory")
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (``rclone serve s3``) on 127.0.0.1 for the session, its AWS_*
+    variables in this process's environment (Ray workers and subprocesses inherit them)."""
+    from ops.s3server import LocalS3
+    from pipeline import storage
+    from pipeline.schema import forget_remote
+
+    root = tmp_path_factory.mktemp("s3")
+    server = LocalS3(root / "buckets", log_file=root / "rclone.log")
+    server.start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    storage.forget_clients()
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage.forget_clients()
+        forget_remote()

@@ -1,0 +1,65 @@
+"""``upload_shards``: put a finished shard folder on object storage (``s3://bucket/prefix``).
+
+Used by ``build-shards SRC s3://…`` (which builds in a local staging folder, then uploads) and on its
+own (``build-shards --upload FOLDER s3://…``). Each tar and index goes up once (multipart above
+64 MB); an object already there with the same size and the ETag the file's bytes give is kept, so an
+interrupted upload resumes where it stopped. The manifest goes last: a reader that finds it finds
+every shard it lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pipeline import storage
+from pipeline.progress import progress as progress_bar
+from pipeline.schema import MANIFEST_NAME, forget_remote, load_manifest
+
+PART_SIZE = 64 << 20  # multipart threshold and part size (S3Client.put_file)
+
+
+def file_etag(path: str | Path, part: int = PART_SIZE) -> str:
+    """The ETag S3 gives a file uploaded with ``part``-byte parts: the MD5 of the bytes in one part,
+    else the MD5 of the parts' MD5s and ``-<parts>``."""
+    digests = []
+    with open(path, "rb") as fh:
+        while chunk := fh.read(part):
+            digests.append(hashlib.md5(chunk, usedforsecurity=False).digest())
+    if len(digests) <= 1:
+        return (digests[0] if digests else hashlib.md5(b"", usedforsecurity=False).digest()).hex()
+    combined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+    return f"{combined}-{len(digests)}"
+
+
+def upload_shards(folder: str | Path, url: str, progress: bool = True, workers: int = 4) -> dict[str, int]:
+    """Upload ``folder``'s shard set to ``url``; ``{"uploaded": n, "kept": n, "bytes": n}``."""
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    client = storage.client_for(url)
+    present = client.list()
+    names = [n for s in manifest.splits.values() for sh in s.shards for n in (sh.tar, sh.index)]
+    todo, kept = [], 0
+    for name in names:
+        path = folder / name
+        size = path.stat().st_size
+        have = present.get(name)
+        if have and have[0] == size and have[1] == file_etag(path):
+            kept += 1
+        else:
+            todo.append((name, path, size))
+    total = sum(size for _, _, size in todo)
+    with progress_bar(total=total, unit="B", unit_scale=True, desc="upload", disable=not progress) as bar:
+
+        def put(item):
+            name, path, size = item
+            client.put_file(name, path)
+            return size
+
+        with ThreadPoolExecutor(workers) as pool:
+            for size in pool.map(put, todo):
+                bar.update(size)
+    client.put_file(MANIFEST_NAME, folder / MANIFEST_NAME)  # last: the set is complete once it is there
+    forget_remote(url)
+    return {"uploaded": len(todo), "kept": kept, "bytes": total}

@@ -1,0 +1,174 @@
+"""Shards on object storage (``data.shards=s3://…``) against a real S3-compatible server
+(``rclone serve s3`` on 127.0.0.1, the ``s3_server`` fixture): the same samples, order and pixels as
+the local copy, one download per shard per node, and a named outcome for each failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import DataConfig, make_loader, storage
+from pipeline.schema import ShardFormatError, forget_remote
+from pipeline.shards.upload import upload_shards
+from tests.pipeline.shard_fixtures import write_coded_shards
+
+TRAIN, VAL, CLASSES = 53, 23, 23
+
+
+@pytest.fixture(scope="module")
+def local_shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("s3-local-shards")
+    write_coded_shards(folder, {"train": TRAIN, "val": VAL}, num_classes=CLASSES, shard_size=10)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3_server, local_shards):
+    (s3_server.root / "data").mkdir(exist_ok=True)
+    url = "s3://data/coded"
+    upload_shards(local_shards, url, progress=False)
+    return url
+
+
+def _cfg(shards, cache_dir, backend="dali", **kw):
+    return DataConfig(
+        **{
+            "shards": str(shards),
+            "backend": backend,
+            "batch_size": 4,
+            "image_size": 80,
+            "val_resize": 90,
+            "cache_dir": str(cache_dir),
+            "num_threads": 1,
+            **kw,
+        }
+    )
+
+
+def _run(loaders, epoch, start=0):
+    for ld in loaders:
+        ld.set_epoch(epoch, start)
+    steps, images, labels = [], [], []
+    for outs in zip(*loaders, strict=True):
+        steps.append(np.concatenate([ld.last_batch.ids for ld in loaders]).tolist())
+        images.append(torch.cat([x for x, _ in outs]))
+        labels.append(torch.cat([y for _, y in outs]))
+    return steps, images, labels
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_s3_gives_the_local_sequence_and_pixels_on_two_ranks(
+    s3_server, local_shards, s3_shards, tmp_path, backend
+):
+    cache = tmp_path / "cache"
+    for split in ("train", "val"):
+        runs = []
+        for shards in (local_shards, s3_shards):
+            loaders = [make_loader(_cfg(shards, cache, backend), split, r, 2, "cpu") for r in range(2)]
+            runs.append([_run(loaders, epoch) for epoch in (0, 1)])
+            for ld in loaders:
+                ld.close()
+        for (steps_l, img_l, lab_l), (steps_s, img_s, lab_s) in zip(*runs, strict=True):
+            assert steps_s == steps_l
+            assert len(img_s) == len(img_l) > 0
+            for a, b in zip(img_l, img_s, strict=True):
+                assert torch.equal(a, b)
+            for a, b in zip(lab_l, lab_s, strict=True):
+                assert torch.equal(a, b)
+
+
+def test_each_shard_is_downloaded_once_per_node_and_reread_from_the_cache(s3_server, s3_shards, tmp_path):
+    cache = tmp_path / "cache"
+    before = s3_server.gets("data", "coded/train-")
+    loaders = [make_loader(_cfg(s3_shards, cache), "train", r, 2, "cpu") for r in range(2)]
+    _run(loaders, 0)
+    for ld in loaders:  # the fetchers finish what they started
+        ld.remote.stop()
+    after = s3_server.gets("data", "coded/train-")
+    whole = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.endswith(".tar")}
+    tars = sorted(p.name for p in (s3_server.root / "data" / "coded").glob("train-*.tar"))
+    cached = sorted(p.name for p in loaders[0].remote.cache.root.glob("*.tar"))
+    assert cached == tars  # every shard is in the node's cache, once
+    fetched = sum(ld.remote.cache.fetches for ld in loaders)
+    assert fetched == len(tars)  # one whole download per shard, by one of the two ranks
+    # the GETs the server answered: one whole object per shard plus the range reads of the batches
+    # read before their shard was cached
+    ranges = sum(ld.remote.range_requests for ld in loaders)
+    assert sum(whole.values()) == len(tars) + ranges
+    # a second epoch reads every sample from the cache: no request at all
+    before = s3_server.gets("data", "coded/")
+    _run(loaders, 1)
+    assert s3_server.gets("data", "coded/") == before
+    for ld in loaders:
+        ld.close()
+
+
+def test_a_truncated_cached_shard_is_fetched_again(s3_server, local_shards, s3_shards, tmp_path):
+    cache = tmp_path / "cache"
+    ld = make_loader(_cfg(s3_shards, cache, cache_ahead_steps=1000), "val", 0, 1, "cpu")
+    ld.set_epoch(0)
+    first = [y.tolist() for _, y in ld]
+    ld.remote.stop()
+    victim = ld.remote.cache.root / "val-000001.tar"
+    assert victim.exists()
+    with open(victim, "r+b") as fh:
+        fh.truncate(victim.stat().st_size // 2)
+    ld.close()
+    ld = make_loader(_cfg(s3_shards, cache, cache_ahead_steps=1000), "val", 0, 1, "cpu")
+    ld.set_epoch(0)
+    assert [y.tolist() for _, y in ld] == first
+    ld.remote.stop()
+    assert victim.stat().st_size == (local_shards / "val-000001.tar").stat().st_size
+    ld.close()
+
+
+def test_named_errors_bucket_manifest_credentials_replaced(s3_server, local_shards, s3_shards, tmp_path):
+    with pytest.raises(ShardFormatError, match="s3://nobucket/x/manifest.json: the bucket does not exist"):
+        make_loader(_cfg("s3://nobucket/x", tmp_path), "val", 0, 1, "cpu")
+    with pytest.raises(ShardFormatError, match="s3://data/nothing/manifest.json: no such object"):
+        make_loader(_cfg("s3://data/nothing", tmp_path), "val", 0, 1, "cpu")
+    # wrong credentials
+    saved = os.environ["AWS_SECRET_ACCESS_KEY"]
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    storage.forget_clients()
+    forget_remote()
+    try:
+        with pytest.raises(ShardFormatError, match="refused the credentials|access denied"):
+            make_loader(_cfg(s3_shards, tmp_path), "val", 0, 1, "cpu")
+    finally:
+        os.environ["AWS_SECRET_ACCESS_KEY"] = saved
+        storage.forget_clients()
+    # a shard replaced on the server by one of another size: refused at start, named
+    copy = s3_server.root / "data" / "replaced"
+    shutil.copytree(s3_server.root / "data" / "coded", copy)
+    with open(copy / "val-000000.tar", "ab") as fh:
+        fh.write(b"\0" * 512)
+    with pytest.raises(
+        ShardFormatError, match="s3://data/replaced/val-000000.tar is .* the object was replaced"
+    ):
+        make_loader(_cfg("s3://data/replaced", tmp_path), "val", 0, 1, "cpu")
+    # ... and by one of the same size: its download fails the pass with the object's name
+    shutil.copy(local_shards / "val-000000.tar", copy / "val-000000.tar")
+    data = bytearray((copy / "val-000000.tar").read_bytes())
+    data[200] ^= 1  # a tar header byte: the samples still read, the bytes are not the manifest's
+    (copy / "val-000000.tar").write_bytes(bytes(data))
+    forget_remote()
+    from pipeline.checksums import ShardChecksumError
+
+    ld = make_loader(_cfg("s3://data/replaced", tmp_path / "c2", cache_ahead_steps=1000), "val", 0, 1, "cpu")
+    ld.set_epoch(0)
+    with pytest.raises(
+        ShardChecksumError, match="s3://data/replaced/val-000000.tar: .* the object was replaced"
+    ):
+        for _ in ld:
+            pass
+    ld.close()
+
+
+def test_a_cache_budget_below_the_largest_shard_is_one_line(s3_shards, tmp_path):
+    with pytest.raises(ShardFormatError, match="data.cache_bytes=1000 cannot hold the largest shard"):
+        make_loader(_cfg(s3_shards, tmp_path, cache_bytes=1000), "val", 0, 1, "cpu")
