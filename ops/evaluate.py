@@ -192,7 +192,8 @@ def _data_config(data, shards: str, batch_size: int, backend: str):
         fields = {k: getattr(data, k) for k in ("image_size", "val_resize", "normalization")}
     else:
         fields = {k: data[k] for k in ("image_size", "val_resize", "normalization")}
-    return DataConfig(shards=str(Path(shards).resolve()), batch_size=batch_size, backend=backend, **fields)
+    location = shards if "://" in str(shards) else str(Path(shards).resolve())
+    return DataConfig(shards=location, batch_size=batch_size, backend=backend, **fields)
 
 
 def evaluate_multicrop(

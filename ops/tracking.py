@@ -133,6 +133,8 @@ def resolve_tracking_uri(configured: str, storage_path: str) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI", "")
     if env:
         return env
+    if "://" in storage_path:  # checkpoints on object storage: the store on this machine
+        return f"sqlite:///{Path.home() / '.cache' / 'inception' / 'mlflow.db'}"
     return f"sqlite:///{Path(storage_path).resolve() / 'mlflow.db'}"
 
 
@@ -176,7 +178,9 @@ def ensure_experiment(client, name: str, storage_path: str, uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if uri.startswith("sqlite:"):
+    if uri.startswith("sqlite:") and "://" in storage_path:  # object storage: artifacts beside the runs
+        location = f"{storage_path.rstrip('/')}/mlartifacts"
+    elif uri.startswith("sqlite:"):
         location = (Path(storage_path).resolve() / "mlartifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)

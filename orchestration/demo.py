@@ -369,6 +369,7 @@ def run_stages(cfg, args, overrides: list[str], workdir: Path, state_dir: Path, 
     cluster's state as soon as it is up, so that the caller stops it whatever happens next."""
     from ops import cluster
     from orchestration.ensemble import timings_file
+    from pipeline import storage
 
     subsets = dict(args.subset)
     shards, total = Path(cfg.data.shards), 6
@@ -405,7 +406,7 @@ def run_stages(cfg, args, overrides: list[str], workdir: Path, state_dir: Path, 
     step(4, total, f"Ray job: {members} member(s) x {workers} Ray Train worker(s), then registration")
     run_training_job(dashboard, mlflow_url, overrides)
     job_s = time.monotonic() - t
-    job_stages = json.loads(timings_file(cfg).read_text())
+    job_stages = json.loads(storage.read_text(timings_file(cfg)) or "{}")
     stages["job start"] = max(0.0, job_s - sum(job_stages.values()))
     stages.update(job_stages)
 

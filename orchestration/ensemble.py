@@ -23,6 +23,8 @@ from typing import Any
 
 from orchestration.config import TrainConfig, flatten
 from orchestration.trainer import MemberResult, fit_member
+from pipeline import storage
+from pipeline.storage import join as storage_join
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,8 @@ class TrainingOutcome:
     note: str = ""  # why registration was skipped, if it was
 
 
-def _run_ids_file(cfg: TrainConfig) -> Path:
-    return Path(cfg.checkpoint.storage_path) / f"{cfg.checkpoint.name}.mlflow.json"
+def _run_ids_file(cfg: TrainConfig) -> str:
+    return storage_join(cfg.checkpoint.storage_path, f"{cfg.checkpoint.name}.mlflow.json")
 
 
 def common_tags(cfg: TrainConfig, repo_root: str | Path) -> dict[str, str | None]:
@@ -71,12 +73,13 @@ def create_runs(cfg: TrainConfig, uri: str, tags: dict) -> tuple[str | None, lis
         print(f"warning: MLflow tracking at {uri} is unreachable ({reason}); training continues untracked")
         return None, [None] * n
     ids_file = _run_ids_file(cfg)
-    if ids_file.is_file():
-        saved = json.loads(ids_file.read_text())
+    text = storage.read_text(ids_file)
+    if text:
+        saved = json.loads(text)
         if saved.get("tracking_uri") == uri and len(saved.get("members", [])) == n:
             print(f"continuing MLflow runs recorded in {ids_file}")
             return saved.get("parent"), saved["members"]
-    storage = cfg.checkpoint.storage_path
+    storage_path = cfg.checkpoint.storage_path
     try:
         parent = None
         if n > 1:
@@ -84,7 +87,7 @@ def create_runs(cfg: TrainConfig, uri: str, tags: dict) -> tuple[str | None, lis
                 uri,
                 cfg.tracking.experiment,
                 cfg.checkpoint.name,
-                storage,
+                storage_path,
                 {**tags, "role": "ensemble-parent"},
             )
             from ops.tracking import RunTracker
@@ -98,7 +101,7 @@ def create_runs(cfg: TrainConfig, uri: str, tags: dict) -> tuple[str | None, lis
                     uri,
                     cfg.tracking.experiment,
                     member_cfg.checkpoint.name,
-                    storage,
+                    storage_path,
                     {
                         **tags,
                         "role": "ensemble-member" if n > 1 else "single",
@@ -114,8 +117,8 @@ def create_runs(cfg: TrainConfig, uri: str, tags: dict) -> tuple[str | None, lis
             "training continues untracked"
         )
         return None, [None] * n
-    ids_file.parent.mkdir(parents=True, exist_ok=True)
-    ids_file.write_text(json.dumps({"tracking_uri": uri, "parent": parent, "members": members}, indent=2))
+    saved = {"tracking_uri": uri, "parent": parent, "members": members}
+    storage.write_text(ids_file, json.dumps(saved, indent=2))
     return parent, members
 
 
@@ -204,22 +207,21 @@ def quiet_single_node() -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-def timings_file(cfg: TrainConfig) -> Path:
-    return Path(cfg.checkpoint.storage_path) / f"{cfg.checkpoint.name}.timings.json"
+def timings_file(cfg: TrainConfig) -> str:
+    return storage_join(cfg.checkpoint.storage_path, f"{cfg.checkpoint.name}.timings.json")
 
 
 def write_timings(cfg: TrainConfig, timings: dict[str, float]) -> None:
     """Wall seconds per stage of the job (``member <i>``, ``registration``), for the caller's time table."""
-    path = timings_file(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=2))
+    storage.write_text(timings_file(cfg), json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=2))
 
 
 def run_training(cfg: TrainConfig, repo_root: str | Path) -> TrainingOutcome:
     """Train every member to the end, then register them; Ray must already be initialised."""
     from ops.tracking import RunTracker, resolve_tracking_uri
 
-    Path(cfg.checkpoint.storage_path).mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(cfg.checkpoint.storage_path):
+        Path(cfg.checkpoint.storage_path).mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(cfg.tracking.uri, cfg.checkpoint.storage_path)
     parent, run_ids = create_runs(cfg, uri, common_tags(cfg, repo_root))
     n = cfg.ensemble.members

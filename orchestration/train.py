@@ -215,9 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import ShardFormatError
 
     try:
-        from pipeline import load_manifest
+        from pipeline import load_manifest, storage
 
-        load_manifest(cfg.data.shards)  # fail fast, before Ray starts, on a missing shard folder
+        storage.configure(cfg.data.storage_options)
+        load_manifest(cfg.data.shards)  # fail fast, before Ray starts, on a missing shard folder or object
         problem = address_problem(args.address or os.environ.get("RAY_ADDRESS"))
         if problem:
             print(f"error: {problem}", file=sys.stderr)

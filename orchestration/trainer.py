@@ -50,6 +50,11 @@ def build_trainer(
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
+    storage_path, storage_fs = cfg.checkpoint.storage_path, None
+    if storage_path.startswith("s3://"):  # the same endpoint as the shards', no directory markers
+        from pipeline import storage
+
+        storage_fs, storage_path = storage.arrow_filesystem(storage_path, cfg.data.storage_options)
     return TorchTrainer(
         train_worker,
         train_loop_config={
@@ -70,7 +75,8 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=cfg.checkpoint.name,
-            storage_path=cfg.checkpoint.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             # Ray Train's per-report INFO lines (the whole metrics dict, per rank, per epoch) off:
@@ -78,6 +84,14 @@ def build_trainer(
             logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
         ),
     )
+
+
+def checkpoint_location(cfg: TrainConfig, path: str) -> str:
+    """A checkpoint's folder, or its URI on object storage (Ray reports ``bucket/key`` there)."""
+    scheme = cfg.checkpoint.storage_path.partition("://")
+    if scheme[1] and not path.startswith(scheme[0] + "://"):
+        return f"{scheme[0]}://{path.lstrip('/')}"
+    return str(Path(path))
 
 
 def fit_member(
@@ -103,7 +117,7 @@ def fit_member(
     return MemberResult(
         index=index,
         run_id=run_id,
-        checkpoint_dir=str(Path(ckpt.path)) if ckpt else None,
+        checkpoint_dir=checkpoint_location(cfg, ckpt.path) if ckpt else None,
         metrics=dict(result.metrics or {}),
         epochs_reported=tuple(epochs),
     )

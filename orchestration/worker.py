@@ -174,9 +174,10 @@ class WorkerRun:
     def _build(self) -> None:
         """Model (identical initial weights on every rank), loaders, optimizer, schedule, EMA."""
         import models
-        from pipeline import load_manifest, make_loader, manifest_sha256
+        from pipeline import load_manifest, make_loader, manifest_sha256, storage
 
         cfg, rank, world_size = self.cfg, self.rank, self.world_size
+        storage.configure(cfg.data.storage_options)
         manifest = load_manifest(cfg.data.shards)
         if cfg.model.num_classes and cfg.model.num_classes != manifest.num_classes:
             raise DataCheckError(

@@ -77,6 +77,8 @@ class DataConfig:
     cache_ahead_steps: int = 64
 
     def __post_init__(self) -> None:
+        if isinstance(self.storage_options, dict):  # DataConfig(storage_options={...}) in code
+            object.__setattr__(self, "storage_options", StorageOptions(**self.storage_options))
         checks = {
             "backend": self.backend in ("dali", "torch"),
             "normalization": self.normalization in NORMALIZATIONS,

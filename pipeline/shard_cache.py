@@ -34,6 +34,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,15 @@ class NodeCache:
             self._verified.add(str(final))
             self._last_use[name] = time.monotonic()
             return str(final)
+
+    def downloading(self, name: str) -> bool:
+        """Whether a process of this node is downloading the shard now."""
+        return any(self.root.glob(f"{glob_escape(name)}.*.part"))
+
+    def wait_for(self, name: str) -> None:
+        """Until the download of a shard in progress on this node ends (its lock is free)."""
+        with self._lock(f".{name}.lock"):
+            pass
 
     def _make_room(self, size: int, name: str, next_use) -> bool:
         used = self.used()
@@ -438,11 +448,18 @@ class RemoteShards:
         returns them without a request."""
         self.raise_if_failed()
         by_tar: dict[int, list[tuple[int, int]]] = {}
-        with self._lock:
-            for t, off, size in spans:
+        waited: set[int] = set()
+        for t, off, size in spans:
+            with self._lock:
                 if (t, off, size) in self._pending or self._cached_fd(t) is not None:
                     continue
-                by_tar.setdefault(t, []).append((off, size))
+            if t not in waited and self.cache.downloading(self.names[t]):
+                waited.add(t)  # the whole shard is on its way: wait for it, not a request per sample
+                self.cache.wait_for(self.names[t])
+                with self._lock:
+                    if self._cached_fd(t) is not None:
+                        continue
+            by_tar.setdefault(t, []).append((off, size))
         if not by_tar:
             return
         jobs = [

@@ -317,3 +317,122 @@ def read_bytes(location: str | os.PathLike, name: str) -> bytes:
     if is_remote(location):
         return client_for(str(location)).get(name)
     return (Path(location) / name).read_bytes()
+
+
+def arrow_filesystem(url: str, options: StorageOptions | None = None):
+    """``(pyarrow file system, path)`` for an ``s3://`` URL, with the same endpoint and region as our
+    client: what Ray Train writes checkpoints through (``RunConfig(storage_filesystem=...)``).
+
+    S3 has no directories, but pyarrow's ``create_dir`` writes an empty ``key/`` object as a marker,
+    which several S3-compatible servers (rclone's among them) store as a file that then blocks every
+    key below it. This file system leaves directories implicit, as S3 does."""
+    import pyarrow.fs as pafs
+
+    o = options or _DEFAULT_OPTIONS
+    endpoint = o.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = o.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    kwargs: dict = {"region": region}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    if o.addressing_style == "virtual":
+        kwargs["force_virtual_addressing"] = True
+    s3 = pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v})
+    bucket, prefix = split_url(url)
+    return pafs.PyFileSystem(ImplicitDirectories(s3)), f"{bucket}/{prefix}".rstrip("/")
+
+
+try:  # pyarrow comes with Ray; the read side does not need it
+    import pyarrow.fs as _pafs
+
+    class ImplicitDirectories(_pafs.FileSystemHandler):
+        """A pyarrow file system that forwards everything but directory creation (see above)."""
+
+        def __init__(self, fs) -> None:
+            self.fs = fs
+
+        def __eq__(self, other) -> bool:
+            return isinstance(other, ImplicitDirectories) and self.fs.equals(other.fs)
+
+        def __ne__(self, other) -> bool:
+            return not self == other
+
+        def __reduce__(self):
+            return ImplicitDirectories, (self.fs,)
+
+        def get_type_name(self) -> str:
+            return "s3-implicit-dirs"
+
+        def normalize_path(self, path):
+            return self.fs.normalize_path(path)
+
+        def get_file_info(self, paths):
+            return self.fs.get_file_info(paths)
+
+        def get_file_info_selector(self, selector):
+            return self.fs.get_file_info(selector)
+
+        def create_dir(self, path, recursive):
+            return None
+
+        def delete_dir(self, path):
+            return self.fs.delete_dir(path)
+
+        def delete_dir_contents(self, path, missing_dir_ok=False):
+            return self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+        def delete_root_dir_contents(self):
+            return self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+        def delete_file(self, path):
+            return self.fs.delete_file(path)
+
+        def move(self, src, dest):
+            return self.fs.move(src, dest)
+
+        def copy_file(self, src, dest):
+            return self.fs.copy_file(src, dest)
+
+        def open_input_stream(self, path):
+            return self.fs.open_input_stream(path)
+
+        def open_input_file(self, path):
+            return self.fs.open_input_file(path)
+
+        def open_output_stream(self, path, metadata):
+            return self.fs.open_output_stream(path, metadata=metadata)
+
+        def open_append_stream(self, path, metadata):
+            return self.fs.open_append_stream(path, metadata=metadata)
+
+except ImportError:  # pragma: no cover
+    ImplicitDirectories = None  # type: ignore[assignment,misc]
+
+
+def read_text(location: str | os.PathLike) -> str | None:
+    """A small text file at a path or an ``s3://`` URL; None when it is not there."""
+    if is_remote(location):
+        parent, _, name = str(location).rpartition("/")
+        try:
+            return client_for(parent).get(name).decode("utf-8")
+        except ObjectStoreError as exc:
+            if "no such object" in str(exc):
+                return None
+            raise
+    try:
+        return Path(location).read_text()
+    except FileNotFoundError:
+        return None
+
+
+def write_text(location: str | os.PathLike, text: str) -> None:
+    """Write a small text file at a path (atomically) or an ``s3://`` URL (one PUT: atomic there)."""
+    if is_remote(location):
+        parent, _, name = str(location).rpartition("/")
+        client_for(parent).put_bytes(name, text.encode("utf-8"))
+        return
+    path = Path(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -4,6 +4,8 @@
     build-shards imagenet/val shards/ --split val --format imagenet-val --labels LOC_val_solution.csv \
         --classes synsets.txt
     verify-shards shards/ --deep
+    build-shards imagenet/train s3://bucket/imagenet --split train ...   # built locally, then uploaded
+    verify-shards s3://bucket/imagenet
 
 Bad input ends with one ``error: ...`` line and exit status 2 (usage) or 1 (input/data problem).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from pipeline.shards.build import DEFAULT_MAX_SHARD_BYTES, DEFAULT_SHARD_SIZE, build_shards
 from pipeline.shards.classes import SourceError
@@ -27,7 +30,8 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", help="folder, .tar/.tar.gz (also a tar of per-class tars), or a CSV/TSV list")
-    p.add_argument("out", help="shard folder (created; may already hold other splits of the same classes)")
+    p.add_argument("out", help="shard folder (created; may already hold other splits of the same classes), "
+                   "or s3://bucket/prefix: built in --staging, then uploaded (the manifest last)")
     p.add_argument("--split", default="train", help="split name: files are <split>-NNNNNN.tar")
     p.add_argument("--format", default="auto", choices=FORMATS, help="input layout")
     p.add_argument("--classes", help="class list file in fixed order (one synset/name per line, "
@@ -53,15 +57,44 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-outside", action="append", default=[], metavar="ROOT",
                    help="also read files under ROOT that list rows or folder links point to (by default "
                    "anything outside SOURCE's folder is refused and listed as skipped); repeatable")
+    p.add_argument("--staging", help="local folder an s3:// OUT is built in before the upload (kept, so "
+                   "that an interrupted build or upload resumes; default: a folder per OUT under "
+                   "~/.cache/inception)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+def staging_folder(url: str, staging: str | None) -> Path:
+    """Where an ``s3://`` OUT is built: ``staging``, or a folder of its own under ~/.cache/inception.
+    A manifest already on the store (other splits) is copied in first, so the build adds to it."""
+    import hashlib
+
+    from pipeline import storage
+    from pipeline.schema import MANIFEST_NAME
+
+    folder = Path(staging) if staging else (
+        Path.home() / ".cache" / "inception" / "staging" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / MANIFEST_NAME).exists():
+        try:
+            (folder / MANIFEST_NAME).write_bytes(storage.client_for(url).get(MANIFEST_NAME))
+        except storage.ObjectStoreError as exc:
+            if "no such object" not in str(exc):
+                raise
+    return folder
+
+
 def build_main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    from pipeline import storage
+    from pipeline.schema import ShardFormatError
+
+    remote = storage.is_remote(args.out)
     try:
+        out = staging_folder(args.out, args.staging) if remote else args.out
         manifest = build_shards(
-            args.source, args.out, args.split, format=args.format, classes=args.classes, words=args.words,
+            args.source, out, args.split, format=args.format, classes=args.classes, words=args.words,
             labels=args.labels, subdir=args.subdir, shard_size=args.shard_size,
             max_shard_bytes=args.max_shard_bytes,
             seed=args.seed, workers=args.workers, max_side=args.max_side, shorter_side=args.shorter_side,
@@ -69,7 +102,13 @@ def build_main(argv: list[str] | None = None) -> int:
             labels_are=args.labels_are, allow_outside=args.allow_outside,
             progress=not args.no_progress,
         )
-    except (SourceError, FileNotFoundError, PermissionError) as exc:
+        if remote:
+            from pipeline.shards.upload import upload_shards
+
+            done = upload_shards(out, args.out, progress=not args.no_progress, splits=[args.split])
+            print(f"uploaded {done['uploaded']} files ({done['bytes'] / 1e6:.1f} MB), kept {done['kept']} "
+                  f"already there -> {args.out}")
+    except (SourceError, OSError, ShardFormatError, storage.ObjectStoreError) as exc:
         print(f"build-shards: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -88,7 +127,8 @@ def build_main(argv: list[str] | None = None) -> int:
 def verify_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="verify-shards",
                                 description="Check a shard folder against its manifest.")
-    p.add_argument("out", help="shard folder with manifest.json")
+    p.add_argument("out", help="shard folder with manifest.json, or s3://bucket/prefix (each object is "
+                   "downloaded once, to a temporary folder)")
     p.add_argument("--deep", action="store_true", help="also decode every image")
     p.add_argument("--split", help="check only this split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

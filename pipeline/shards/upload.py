@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.progress import progress as progress_bar
-from pipeline.schema import MANIFEST_NAME, forget_remote, load_manifest
+from pipeline.schema import MANIFEST_NAME, ShardFormatError, forget_remote, load_manifest
 
 PART_SIZE = 64 << 20  # multipart threshold and part size (S3Client.put_file)
 
@@ -33,13 +33,21 @@ def file_etag(path: str | Path, part: int = PART_SIZE) -> str:
     return f"{combined}-{len(digests)}"
 
 
-def upload_shards(folder: str | Path, url: str, progress: bool = True, workers: int = 4) -> dict[str, int]:
-    """Upload ``folder``'s shard set to ``url``; ``{"uploaded": n, "kept": n, "bytes": n}``."""
+def upload_shards(
+    folder: str | Path, url: str, progress: bool = True, workers: int = 4, splits: list[str] | None = None
+) -> dict[str, int]:
+    """Upload ``folder``'s shard set (or its ``splits``; the others must be on the store already) to
+    ``url``; ``{"uploaded": n, "kept": n, "bytes": n}``."""
     folder = Path(folder)
     manifest = load_manifest(folder)
     client = storage.client_for(url)
     present = client.list()
-    names = [n for s in manifest.splits.values() for sh in s.shards for n in (sh.tar, sh.index)]
+    chosen = {k: v for k, v in manifest.splits.items() if splits is None or k in splits}
+    for name, info in manifest.splits.items():
+        missing = [sh.tar for sh in info.shards if name not in chosen and sh.tar not in present]
+        if missing:
+            raise ShardFormatError(f"split {name!r}: {missing[0]} is neither uploaded nor being uploaded")
+    names = [n for s in chosen.values() for sh in s.shards for n in (sh.tar, sh.index)]
     todo, kept = [], 0
     for name in names:
         path = folder / name

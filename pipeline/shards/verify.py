@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline import storage
 from pipeline.progress import progress as progress_bar
 from pipeline.schema import (
     SAMPLE_EXTS,
@@ -184,6 +185,8 @@ def _deep_check(tar_name: str, key: str, comps: dict[str, bytes], lbl: int) -> l
 def verify_shards(out: str | Path, deep: bool = False, split: str | None = None,
                   progress: bool = True) -> VerifyReport:
     """Check ``out`` (all splits, or ``split``); never raises for a bad folder: see ``report.errors``."""
+    if storage.is_remote(out):
+        return _verify_remote(str(out), deep, split, progress)
     folder = Path(out)
     report = VerifyReport(folder=str(folder), deep=deep)
     try:
@@ -210,6 +213,64 @@ def verify_shards(out: str | Path, deep: bool = False, split: str | None = None,
                 rep.samples += sh.count
                 rep.bytes += sh.bytes
                 bar.update(1)
+            if not info.shards:
+                report.errors.append(f"split {name} has no shards")
+    return report
+
+
+def _verify_remote(url: str, deep: bool, split: str | None, progress: bool) -> VerifyReport:
+    """``verify_shards`` of an object-store prefix: sizes from one listing, then each shard and its
+    index downloaded once (four at a time) into a temporary folder and checked as a local one."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.schema import remote_listing
+
+    report = VerifyReport(folder=url, deep=deep)
+    try:
+        manifest = load_manifest(url)
+        names = [split] if split is not None else sorted(manifest.splits)
+        infos = {name: manifest.split(name) for name in names}
+        listing = remote_listing(url)
+    except ShardFormatError as exc:
+        report.errors.append(str(exc))
+        return report
+    report.num_classes = manifest.num_classes
+    listed = {n for s in manifest.splits.values() for sh in s.shards for n in (sh.tar, sh.index)}
+    for name in sorted(listing):
+        if name.endswith((".tar", ".idx")) and "/" not in name and name not in listed:
+            report.warnings.append(f"{name} is not listed in the manifest")
+    client = storage.client_for(url)
+
+    def check(sh: ShardInfo, rep: SplitReport) -> tuple[list[str], dict]:
+        for name in (sh.tar, sh.index):
+            if name not in listing:
+                return [f"{name}: missing (listed in the manifest)"], {}
+        if listing[sh.tar][0] != sh.bytes:
+            return [f"{sh.tar}: {listing[sh.tar][0]} bytes, manifest says {sh.bytes}"], {}
+        with tempfile.TemporaryDirectory(prefix="verify-shards-") as tmp:
+            try:
+                client.download(sh.tar, Path(tmp) / sh.tar)
+                client.download(sh.index, Path(tmp) / sh.index)
+            except storage.ObjectStoreError as exc:
+                return [str(exc)], {}
+            part = SplitReport()
+            errs = _check_shard(Path(tmp), sh, manifest.num_classes, deep, set(), part)
+        return errs, part.class_counts
+
+    total = sum(len(i.shards) for i in infos.values())
+    with progress_bar(total=total, unit="shard", desc="verify-shards", disable=not progress) as bar:
+        for name, info in infos.items():
+            rep = report.splits[name] = SplitReport(shards=len(info.shards), skipped=len(info.skipped))
+            with ThreadPoolExecutor(4) as pool:
+                results = pool.map(lambda sh, rep=rep: check(sh, rep), info.shards)
+                for sh, (errs, counts) in zip(info.shards, results, strict=True):
+                    report.errors += errs
+                    for lbl, n in counts.items():
+                        rep.class_counts[lbl] = rep.class_counts.get(lbl, 0) + n
+                    rep.samples += sh.count
+                    rep.bytes += sh.bytes
+                    bar.update(1)
             if not info.shards:
                 report.errors.append(f"split {name} has no shards")
     return report
