@@ -232,10 +232,15 @@ def start_ray(state_dir: Path, num_cpus: int, ports: dict, timeout: float) -> di
     }
 
 
-def start_mlflow(state_dir: Path, port: int, timeout: float) -> dict:
+def start_mlflow(state_dir: Path, port: int, timeout: float, artifacts_destination: str = "") -> dict:
+    """An MLflow server (sqlite under ``state_dir``) that stores artifacts in ``state_dir/artifacts``
+    or at ``artifacts_destination`` (a folder or an ``s3://`` URL; clients upload through it)."""
     port = pick_port(port)
     db, artifacts, log = state_dir / "mlflow.db", state_dir / "artifacts", state_dir / "mlflow.log"
-    artifacts.mkdir(parents=True, exist_ok=True)
+    if artifacts_destination:
+        artifacts = artifacts_destination
+    else:
+        artifacts.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
         "-m",
@@ -298,6 +303,7 @@ def up(
     dashboard_port: int = DEFAULT_PORTS["dashboard"],
     mlflow_port: int = DEFAULT_PORTS["mlflow"],
     timeout: float = 120.0,
+    artifacts_destination: str = "",
 ) -> dict:
     """Start whatever is not running yet; returns the state (also written to STATE/cluster.json)."""
     state_dir = Path(state_dir).resolve()
@@ -306,7 +312,7 @@ def up(
     ports = dict(DEFAULT_PORTS, ray=ray_port, dashboard=dashboard_port)
     for key, start in (
         ("ray", lambda: start_ray(state_dir, num_cpus, ports, timeout)),
-        ("mlflow", lambda: start_mlflow(state_dir, mlflow_port, timeout)),
+        ("mlflow", lambda: start_mlflow(state_dir, mlflow_port, timeout, artifacts_destination)),
     ):
         if service_running(state.get(key)):
             state[key]["reused"] = True
@@ -349,6 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dashboard-port", type=int, default=DEFAULT_PORTS["dashboard"])
     p.add_argument("--mlflow-port", type=int, default=DEFAULT_PORTS["mlflow"])
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each service")
+    p.add_argument(
+        "--artifacts-destination",
+        default="",
+        help="where the MLflow server keeps artifacts: a folder or s3://bucket/prefix (credentials and "
+        "endpoint from the AWS_* variables); default STATE/artifacts",
+    )
     args = p.parse_args(argv)
     try:
         if args.command == "up":
@@ -359,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                 dashboard_port=args.dashboard_port,
                 mlflow_port=args.mlflow_port,
                 timeout=args.timeout,
+                artifacts_destination=args.artifacts_destination,
             )
             r, m = state["ray"], state["mlflow"]
             print(

@@ -235,6 +235,8 @@ def newest_local_checkpoint(cfg: TrainConfig, newer_than_step: int) -> Path | No
         return None
     run_dir = Path(cfg.checkpoint.storage_path) / cfg.checkpoint.name
     for candidate in sorted(run_dir.glob("checkpoint_*"), reverse=True):
+        if not candidate.is_dir():  # Ray's checkpoint_manager_snapshot.json
+            continue
         try:
             step = int(load_checkpoint(candidate)["step"])
         except CheckpointError as exc:  # partially copied when the worker died, or not ours at all

@@ -75,6 +75,9 @@ class DataConfig:
     # whole shards are fetched ahead for the next cache_ahead_steps global steps (0: none ahead; then
     # only the range reads of each batch)
     cache_ahead_steps: int = 64
+    # eviction: "fnu" (furthest next use, from the order) | "lru" (least recently used: what other
+    # loaders' caches do; kept for benchmarks/bench_s3.py's comparison)
+    cache_policy: str = "fnu"
 
     def __post_init__(self) -> None:
         if isinstance(self.storage_options, dict):  # DataConfig(storage_options={...}) in code
@@ -93,6 +96,7 @@ class DataConfig:
             "global_batch": self.global_batch >= 0,
             "cache_bytes": self.cache_bytes >= 0,
             "cache_ahead_steps": self.cache_ahead_steps >= 0,
+            "cache_policy": self.cache_policy in ("fnu", "lru"),
             "crop_area": 0 < self.crop_area[0] <= self.crop_area[1] <= 1,
             "crop_aspect": 0 < self.crop_aspect[0] <= self.crop_aspect[1],
         }

@@ -192,7 +192,9 @@ def open_remote(table: SampleTable, cfg):
             "raise it (several shards' worth, ideally the whole split)"
         )
     ahead = cfg.cache_ahead_steps * cfg.batch_size * 1  # positions; scaled by the world size below
-    return RemoteShards(table, cache_dir, budget, ahead, max_open=cfg.open_shards, prefetch=ahead > 0)
+    return RemoteShards(
+        table, cache_dir, budget, ahead, cfg.cache_policy, max_open=cfg.open_shards, prefetch=ahead > 0
+    )
 
 
 # --- what both backends share -----------------------------------------------------------------------

@@ -46,9 +46,14 @@ NEVER = np.iinfo(np.int64).max
 COALESCE_GAP = 1 << 16  # samples this close together in a shard are fetched by one range request
 
 
+CACHE_DIR_ENV = "INCEPTION_CACHE_DIR"
+
+
 def default_cache_dir() -> str:
-    """Node-local: a folder of this user's under the temp dir."""
-    return os.path.join(tempfile.gettempdir(), f"inception-shard-cache-{os.getuid()}")
+    """Node-local: ``$INCEPTION_CACHE_DIR`` (set per node), else a folder of this user's under the
+    temp dir."""
+    fallback = os.path.join(tempfile.gettempdir(), f"inception-shard-cache-{os.getuid()}")
+    return os.environ.get(CACHE_DIR_ENV) or fallback
 
 
 def default_budget(cache_dir: str) -> int:

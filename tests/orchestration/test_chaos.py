@@ -9,15 +9,20 @@ prints its timings (``pytest -s`` shows them).
 (c) the process writing a checkpoint is killed during the write: the previous checkpoint stays
     loadable and is the one a resume picks;
 (d) an elastic run (Ray Train's worker range) loses a node that is not replaced: it goes on with
-    one worker from its last mid-epoch checkpoint and consumes the undisturbed run's sample order.
+    one worker from its last mid-epoch checkpoint and consumes the undisturbed run's sample order;
+(e) nothing shared but an object store (a real S3-compatible server on 127.0.0.1): shards,
+    checkpoints (Ray's storage) and MLflow's artifacts on ``s3://``, each node with its own shard
+    cache; a node is killed mid-epoch and the run ends with the weights of (a)'s undisturbed run.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -60,8 +65,16 @@ def _hold_port(port: int):
 
 
 # ---- (a) node loss on a 2-node cluster --------------------------------------------------------
+def _node_env(caches: Path) -> dict[str, str]:
+    """A new node's own shard cache folder (``$INCEPTION_CACHE_DIR``)."""
+    folder = Path(tempfile.mkdtemp(prefix="node-", dir=caches))
+    return {"INCEPTION_CACHE_DIR": str(folder)}
+
+
 @pytest.fixture(scope="module")
-def two_node_cluster():
+def two_node_cluster(s3_server):
+    """Every node on 127.0.0.1; started with the object store's AWS_* variables in its environment,
+    as nodes are started with their credentials (test (e))."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node on 127.0.0.1
     import ray
     from ray.cluster_utils import Cluster
@@ -77,31 +90,47 @@ def two_node_cluster():
     # (the head's dashboard serves the state API that Ray Train's placement-group cleaner polls)
     head = {"num_cpus": 0, "include_dashboard": True, "dashboard_port": free_port()}
     cluster = Cluster(initialize_head=True, head_node_args=head)
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    caches = Path(tempfile.mkdtemp(prefix="chaos-node-caches-"))
+    # every node its own shard cache (what nodes that share no file system have)
+    nodes = [cluster.add_node(num_cpus=1, env_vars=_node_env(caches)) for _ in range(2)]
+    cluster.node_caches = caches
     ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     cluster.wait_for_nodes()
     print(f"\n[chaos] 2-node cluster up in {time.monotonic() - start:.1f}s")
     yield cluster, nodes
     ray.shutdown()
     cluster.shutdown()
+    shutil.rmtree(caches, ignore_errors=True)
     if taken is not None:
         taken.close()
+
+
+NODE_LOSS = ("schedule.epochs=3", "checkpoint.max_failures=2")
+
+
+@pytest.fixture(scope="module")
+def undisturbed_run(two_node_cluster, small_cifar_shards, tmp_path_factory):
+    """The run (a) and (e) disturb, undisturbed, on the same cluster: ``(outcome, seconds)``."""
+    from orchestration.ensemble import run_training
+
+    tmp = tmp_path_factory.mktemp("undisturbed")
+    start = time.monotonic()
+    clean = run_training(_cfg(small_cifar_shards, tmp, *NODE_LOSS, "checkpoint.name=clean"), REPO)
+    return clean, time.monotonic() - start
 
 
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_node_killed_mid_epoch_ends_with_the_undisturbed_weights(
-    two_node_cluster, small_cifar_shards, tmp_path
+    two_node_cluster, undisturbed_run, small_cifar_shards, tmp_path
 ):
     from orchestration.ensemble import run_training
 
     cluster, nodes = two_node_cluster
-    common = ("schedule.epochs=3", "checkpoint.max_failures=2")
-    start = time.monotonic()
-    clean = run_training(_cfg(small_cifar_shards, tmp_path, *common, "checkpoint.name=clean"), REPO)
-    clean_s = time.monotonic() - start
+    caches = cluster.node_caches
+    clean, clean_s = undisturbed_run
 
-    cfg = _cfg(small_cifar_shards, tmp_path, *common, "checkpoint.name=chaos")
+    cfg = _cfg(small_cifar_shards, tmp_path, *NODE_LOSS, "checkpoint.name=chaos")
     run_dir = Path(cfg.checkpoint.storage_path) / "chaos"
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, REPO)), daemon=True)
@@ -112,7 +141,7 @@ def test_node_killed_mid_epoch_ends_with_the_undisturbed_weights(
     time.sleep(1.5)
     killed_at = time.monotonic() - start
     cluster.remove_node(nodes[1], allow_graceful=False)  # raylet and its workers, SIGKILL
-    nodes[1] = cluster.add_node(num_cpus=1)  # the replacement node the run restarts on
+    nodes[1] = cluster.add_node(num_cpus=1, env_vars=_node_env(caches))  # the run restarts on it
     thread.join(timeout=600)
     assert not thread.is_alive(), "the run did not finish after the node loss"
     chaos_s = time.monotonic() - start
@@ -312,7 +341,8 @@ def test_elastic_run_continues_the_same_order_on_fewer_workers(
         thread.join(timeout=600)
         assert not thread.is_alive(), "the run did not finish on the remaining worker"
     finally:
-        nodes[1] = cluster.add_node(num_cpus=1)  # the cluster as the other tests expect it
+        caches = cluster.node_caches
+        nodes[1] = cluster.add_node(num_cpus=1, env_vars=_node_env(caches))  # as the other tests expect
     print(f"[chaos d] node killed at {killed_at:.1f}s; elastic run {time.monotonic() - start:.1f}s")
     ranks = records("elastic")
     first, after = ranks[0], []
@@ -327,3 +357,80 @@ def test_elastic_run_continues_the_same_order_on_fewer_workers(
     assert before + after == undisturbed
     payload = load_checkpoint(outcome["result"].members[0].checkpoint_dir)
     assert (payload["epoch"], payload["step"]) == (2, 62) and payload["extra"]["world_size"] == 1
+
+
+# ---- (e) nothing shared but the object store ---------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_nothing_shared_but_the_object_store(
+    two_node_cluster, undisturbed_run, small_cifar_shards, s3_server, tmp_path
+):
+    """Shards, checkpoints and MLflow artifacts on ``s3://``; the driver's MLflow server keeps its
+    artifacts there too. A worker node is killed a moment into epoch 2 and replaced by a node with
+    an empty cache: the run resumes from the checkpoint in the bucket and ends with the weights of
+    the undisturbed run that read the same shards from a folder. Each node downloads a shard once."""
+    from mlflow import MlflowClient
+
+    from ops import cluster as services
+    from orchestration.ensemble import run_training
+    from pipeline.schema import load_manifest
+    from pipeline.shards.upload import upload_shards
+
+    cluster, nodes = two_node_cluster
+    clean, _ = undisturbed_run
+    for bucket in ("data", "runs"):
+        s3_server.make_bucket(bucket)
+    upload_shards(small_cifar_shards, "s3://data/cifar-small", progress=False)
+    state = tmp_path / "mlflow"
+    state.mkdir()
+    server = services.start_mlflow(state, 0, timeout=120, artifacts_destination="s3://runs/mlartifacts")
+    cfg = _cfg(
+        small_cifar_shards,
+        tmp_path,
+        *NODE_LOSS,
+        "checkpoint.name=cloud",
+        "data.shards=s3://data/cifar-small",
+        "checkpoint.storage_path=s3://runs/cloud",
+        f"tracking.uri={server['url']}",
+    )
+    run_dir = s3_server.root / "runs" / "cloud" / "cloud"  # what the server holds, seen from its folder
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=run_training(cfg, REPO)), daemon=True)
+    start = time.monotonic()
+    try:
+        thread.start()
+        _wait_for(
+            lambda: any(run_dir.glob("checkpoint_*")) or not thread.is_alive(),
+            300,
+            "a checkpoint in the bucket",
+        )
+        assert thread.is_alive(), f"the run ended before its first checkpoint: {outcome}"
+        time.sleep(1.5)
+        killed_at = time.monotonic() - start
+        cluster.remove_node(nodes[1], allow_graceful=False)
+        nodes[1] = cluster.add_node(num_cpus=1, env_vars=_node_env(cluster.node_caches))  # empty cache
+        thread.join(timeout=600)
+        assert not thread.is_alive() and "result" in outcome, "the run did not finish after the node loss"
+        print(f"\n[chaos e] node killed at {killed_at:.1f}s; run on s3 {time.monotonic() - start:.1f}s")
+        (c,), (b,) = clean.members, outcome["result"].members
+        assert b.checkpoint_dir.startswith("s3://runs/cloud/cloud/checkpoint_")
+        pc = load_checkpoint(c.checkpoint_dir)
+        pb = load_checkpoint(s3_server.root / b.checkpoint_dir[len("s3://") :])
+        assert (pb["epoch"], pb["step"]) == (pc["epoch"], pc["step"]) == (3, 3 * 31)
+        for part in ("model", "ema"):
+            for key, value in pc[part].items():
+                assert torch.allclose(pb[part][key].float(), value.float(), atol=1e-5), (part, key)
+        # the member's checkpoint artifacts went through the MLflow server into the bucket
+        artifacts = MlflowClient(server["url"]).list_artifacts(b.run_id, "checkpoint")
+        assert artifacts and any((s3_server.root / "runs" / "mlartifacts").rglob("checkpoint.pt"))
+    finally:
+        services.stop_group(server["pgid"])
+    # each node that trained filled its own cache with every train shard, once
+    manifest = load_manifest(small_cifar_shards)
+    tars = sorted(sh.tar for sh in manifest.split("train").shards)
+    filled = [sorted(p.name for p in d.rglob("train-*.tar")) for d in cluster.node_caches.iterdir()]
+    filled = [f for f in filled if f]
+    assert len(filled) >= 2 and all(f == tars for f in filled)
+    gets = s3_server.gets("data", "cifar-small/train-")
+    steps = 3 * 31
+    assert sum(gets.values()) <= len(tars) * len(filled) + steps  # no request per sample

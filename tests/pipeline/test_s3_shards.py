@@ -270,3 +270,42 @@ def test_build_shards_uploads_to_s3_resumes_and_verify_shards_checks_it(s3_serve
     forget_remote()
     assert verify_main([url, "--no-progress"]) == 1
     assert "train-000001.tar: sha256 differs from the manifest" in capsys.readouterr().out
+
+
+def test_furthest_next_use_evicts_the_shard_needed_last_and_refuses_one_needed_later(
+    s3_server, local_shards, s3_shards, tmp_path
+):
+    from pipeline.samples import SampleTable
+    from pipeline.shard_cache import NEVER, NodeCache, Schedule, coalesce
+
+    assert coalesce([(100, 10), (0, 50), (120, 5), (1 << 20, 8)], gap=64) == [
+        (0, 125, [1, 0, 2]),
+        (1 << 20, (1 << 20) + 8, [3]),
+    ]
+    table = SampleTable.load(s3_shards, "val", str(tmp_path / "idx"))
+    names = [p.rsplit("/", 1)[1] for p in table.tars]
+    sizes, shas = table.sizes, table.sha256
+    client = storage.client_for(s3_shards)
+
+    def fill(cache, t, sched):
+        return cache.fill(client, names[t], sizes[t], shas[t], "", lambda n: sched.next_use(names.index(n)))
+
+    sched = Schedule(3)
+    sched.set([0, 1, 2, 0, 1])
+    cache = NodeCache(tmp_path / "fnu", s3_shards, sizes[0] + sizes[1], "fnu")
+    assert fill(cache, 0, sched) and fill(cache, 1, sched)
+    assert fill(cache, 2, sched) is None  # needed after both cached shards: not admitted
+    assert cache.entries() == names[:2]
+    sched.set([2, 2, 0, 1])  # now shard 2 is needed first and shard 1 last
+    assert [sched.next_use(t) for t in range(3)] == [2, 3, 0]
+    assert fill(cache, 2, sched)
+    assert cache.entries() == [names[0], names[2]] and cache.evictions == 1
+    sched.cursor = 3
+    assert sched.next_use(2) == NEVER
+    # the same requests under LRU: the least recently used goes, whatever comes next
+    lru = NodeCache(tmp_path / "lru", s3_shards, sizes[0] + sizes[1], "lru")
+    assert fill(lru, 0, sched) and fill(lru, 1, sched) and fill(lru, 2, sched)
+    assert lru.entries() == [names[1], names[2]]
+    # every cached file is the shard, byte for byte
+    for name in cache.entries():
+        assert (cache.root / name).read_bytes() == (local_shards / name).read_bytes()
