@@ -11,9 +11,10 @@ Library module, no CLI. ``pipeline.samples.SampleReader`` reads through :class:`
   the object's ETag and the file's identity; a cached file that is shorter, changed, or from an
   object since replaced is dropped and fetched again.
 - Eviction by furthest next use (Belady): the order knows, for every shard, the next position at
-  which the node needs it, through this epoch and the next. The shard needed last is evicted, and a
-  shard whose next use is further than every cached one's is not admitted at all (its samples are
-  range-read instead). ``policy="lru"`` (least recently used, what other loaders' caches do) is kept
+  which the node needs it, through this epoch and the next. The shard needed last is evicted; a
+  shard is not admitted (its samples are range-read instead) when every cached one is needed before
+  it, or when it would serve fewer than ``ADMIT_FRACTION`` of its samples before the evicted one
+  is needed again. ``policy="lru"`` (least recently used, what other loaders' caches do) is kept
   for the benchmark that compares the two.
 - :class:`RemoteShards`: a rank's reads. Cached shards are read with ``pread``; the samples of a
   batch whose shards are not cached are fetched by range requests, adjacent samples of one shard
@@ -43,6 +44,13 @@ from pipeline.checksums import ShardChecksumError, file_sha256
 from pipeline.storage import ObjectStoreError, S3Client, client_for
 
 NEVER = np.iinfo(np.int64).max
+FETCHERS = 4  # whole-shard downloads at once per process
+# A shard evicts another only if the order reads at least this fraction of its samples before the
+# evicted one is needed again: a whole download then costs no more bytes than the range reads it
+# saves. Otherwise its samples are range-read (with a budget below the split and a random order,
+# a fixed part of the split stays cached and the rest is range-read: ~1x the uncached bytes per
+# epoch, where evicting on every miss refetches whole shards many times over).
+ADMIT_FRACTION = 0.5
 COALESCE_GAP = 1 << 16  # samples this close together in a shard are fetched by one range request
 
 
@@ -115,6 +123,22 @@ class NodeCache:
         if str(path) in self._verified and st.st_size == size:
             self._last_use[name] = time.monotonic()
             return str(path)
+        if not self._current(name, size, sha256, etag):
+            with self._lock(".cache.lock"):  # a download may be putting its sidecar beside it just now
+                if not self._current(name, size, sha256, etag):
+                    self._remove(name)
+                    return None
+        self._verified.add(str(path))
+        self._last_use[name] = time.monotonic()
+        return str(path)
+
+    def _current(self, name: str, size: int, sha256: str, etag: str) -> bool:
+        """The cached file is the shard: its size, its sidecar's sha256 and ETag, and (when the file
+        was touched since it was checked) its sha256 again."""
+        try:
+            st = os.stat(self.path(name))
+        except FileNotFoundError:
+            return False
         meta = self._read_meta(name)
         ident = [st.st_size, st.st_ino, st.st_mtime_ns]
         ok = (
@@ -124,15 +148,10 @@ class NodeCache:
             and (not etag or not meta.get("etag") or meta.get("etag") == etag)
         )
         if ok and meta.get("ident") != ident:  # touched since it was checked: hash it again
-            ok = file_sha256(str(path)) == sha256
+            ok = file_sha256(str(self.path(name))) == sha256
             if ok:
                 self._write_meta(name, {**meta, "ident": ident})
-        if not ok:
-            self._remove(name)
-            return None
-        self._verified.add(str(path))
-        self._last_use[name] = time.monotonic()
-        return str(path)
+        return ok
 
     def used(self) -> int:
         """Bytes the cache folder holds, reservations of downloads in progress included."""
@@ -155,11 +174,12 @@ class NodeCache:
 
     # --- filling ------------------------------------------------------------------------------------
     def fill(
-        self, client: S3Client, name: str, size: int, sha256: str, etag: str, next_use=None
+        self, client: S3Client, name: str, size: int, sha256: str, etag: str, next_use=None, worth=None
     ) -> str | None:
         """Download a shard into the cache (once per node: other processes wait for it and find it
         cached). ``next_use(name)``: the position at which the node next needs a shard (FNU policy);
-        None when the shard is not admitted (every cached shard is needed sooner)."""
+        ``worth(name, until)``: whether the shard serves enough reads before position ``until`` to be
+        worth its whole download. None when the shard is not admitted."""
         if size > self.budget:
             return None
         with self._lock(f".{name}.lock"):
@@ -168,7 +188,7 @@ class NodeCache:
                 return path
             part = self.path(f"{name}.{size}.{os.getpid()}.{threading.get_ident()}.part")
             with self._lock(".cache.lock"):  # reserve the space, evicting what is needed last
-                if not self._make_room(size, name, next_use):
+                if not self._make_room(size, name, next_use, worth):
                     return None
                 part.touch()
             try:
@@ -180,12 +200,11 @@ class NodeCache:
                         "rebuild or upload the shard set again (`verify-shards` names every such object)"
                     )
                 final = self.path(name)
-                os.replace(part, final)
-                st = os.stat(final)
-                self._write_meta(
-                    name,
-                    {"sha256": sha256, "etag": got_etag, "ident": [st.st_size, st.st_ino, st.st_mtime_ns]},
-                )
+                with self._lock(".cache.lock"):  # not evicted between its arrival and its sidecar
+                    os.replace(part, final)
+                    st = os.stat(final)
+                    ident = [st.st_size, st.st_ino, st.st_mtime_ns]
+                    self._write_meta(name, {"sha256": sha256, "etag": got_etag, "ident": ident})
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(part)
@@ -204,7 +223,7 @@ class NodeCache:
         with self._lock(f".{name}.lock"):
             pass
 
-    def _make_room(self, size: int, name: str, next_use) -> bool:
+    def _make_room(self, size: int, name: str, next_use, worth=None) -> bool:
         used = self.used()
         if used + size <= self.budget:
             return True
@@ -215,8 +234,11 @@ class NodeCache:
             for victim in ranked:
                 if used + size <= self.budget:
                     break
-                if next_use(victim) <= mine:
+                until = next_use(victim)
+                if until <= mine:
                     return False  # every remaining shard is needed before this one: do not admit it
+                if worth is not None and not worth(name, until):
+                    return False  # too few reads before the victim is needed again: range-read them
                 used -= self._remove(victim)
         else:
             ranked = sorted(cached, key=lambda n: self._last_use.get(n, self._mtime(n)))
@@ -291,6 +313,11 @@ class Schedule:
         k = bisect.bisect_left(pos, self.cursor)
         return int(pos[k]) if k < len(pos) else NEVER
 
+    def uses(self, t: int, until: int) -> int:
+        """Reads of shard ``t`` from the cursor up to position ``until``."""
+        pos = self.positions[t]
+        return bisect.bisect_left(pos, until) - bisect.bisect_left(pos, self.cursor)
+
     def upcoming(self, horizon: int) -> list[int]:
         """Shards in the order of their next use within ``horizon`` positions of the cursor."""
         window = self.sequence[self.cursor : self.cursor + horizon]
@@ -327,6 +354,7 @@ class RemoteShards:
         self._pending: dict[tuple[int, int, int], bytes] = {}  # (tar, offset, size) -> bytes
         self._refused: set[int] = set()  # not admitted at the cursor they were refused at
         self._thread: threading.Thread | None = None
+        self._idle = False  # the fetcher found nothing to fetch and nothing refused
         self._stop = False
         self._pool: ThreadPoolExecutor | None = None
 
@@ -363,43 +391,79 @@ class RemoteShards:
         with self._wake:
             if cursor != self.schedule.cursor:
                 self.schedule.cursor = int(cursor)
-                self._refused.clear()
-                self._wake.notify_all()
+                if self._refused or not self._idle:  # an idle fetcher looks again within a second
+                    self._refused.clear()
+                    self._wake.notify_all()
 
     def next_use(self, name: str) -> int:
         return self.schedule.next_use(self.names.index(name)) if name in self.names else NEVER
 
+    def _fill(self, t: int) -> str | None:
+        index, counts = self._index, self._counts
+
+        def worth(n: str, until: int) -> bool:  # half its samples read before the victim is needed
+            return n in index and self.schedule.uses(index[n], until) >= ADMIT_FRACTION * counts[index[n]]
+
+        return self.cache.fill(
+            self.client,
+            self.names[t],
+            self.table.sizes[t],
+            self.table.sha256[t],
+            self.table.etags[t] if self.table.etags else "",
+            lambda n: self.schedule.next_use(index[n]) if n in index else NEVER,
+            worth,
+        )
+
     def _fetch_ahead(self) -> None:
-        index = {n: t for t, n in enumerate(self.names)}
-        while not self._stop:
-            with self._wake:
-                todo = [
-                    t
-                    for t in self.schedule.upcoming(self.ahead)
-                    if t not in self._refused and not os.path.exists(self.cache.path(self.names[t]))
-                ]
-                if not todo:
-                    self._wake.wait(0.5)
-                    continue
-            t = todo[0]
-            try:
-                got = self.cache.fill(
-                    self.client,
-                    self.names[t],
-                    self.table.sizes[t],
-                    self.table.sha256[t],
-                    self.table.etags[t] if self.table.etags else "",
-                    lambda n: self.schedule.next_use(index[n]) if n in index else NEVER,
-                )
-            except (ObjectStoreError, ShardChecksumError) as exc:
-                self.error = exc
-                return
-            except OSError as exc:  # a full or unwritable cache folder: read by ranges instead
-                self.error = ObjectStoreError(f"cache folder {self.cache.root}: {exc}")
-                return
-            if got is None:
+        """Download the upcoming shards, ``FETCHERS`` at a time, in the order they are needed."""
+        self._index = {n: t for t, n in enumerate(self.names)}
+        self._counts = np.bincount(self.table.tar_of, minlength=len(self.names))
+        inflight: dict[int, object] = {}
+        with ThreadPoolExecutor(FETCHERS, thread_name_prefix="shard-fill") as pool:
+            while not self._stop:
+                for t, fut in list(inflight.items()):
+                    if not fut.done():
+                        continue
+                    del inflight[t]
+                    exc = fut.exception()
+                    if isinstance(exc, (ObjectStoreError, ShardChecksumError)):
+                        self.error = exc
+                        return
+                    if isinstance(exc, OSError):  # a full or unwritable cache folder
+                        self.error = ObjectStoreError(f"cache folder {self.cache.root}: {exc}")
+                        return
+                    if exc is not None:
+                        self.error = exc
+                        return
+                    if fut.result() is None:  # not admitted at this cursor
+                        with self._wake:
+                            self._refused.add(t)
                 with self._wake:
-                    self._refused.add(t)
+                    if len(inflight) >= FETCHERS:
+                        self._wake.wait(0.02)
+                        continue
+                    todo = [
+                        t
+                        for t in self.schedule.upcoming(self.ahead)
+                        if t not in self._refused
+                        and t not in inflight
+                        and not self._looks_cached(t)
+                    ]
+                    self._idle = not todo and not inflight and not self._refused
+                    if not todo:  # every upcoming shard cached (idle: look again in a second) or refused
+                        self._wake.wait(0.02 if inflight else 1.0)
+                        continue
+                t = todo[0]
+                inflight[t] = pool.submit(self._fill, t)
+            for fut in inflight.values():  # stop: let the downloads under way end cleanly
+                fut.exception()
+
+    def _looks_cached(self, t: int) -> bool:
+        """A file of the shard's size is in the cache (``NodeCache.cached`` checks it fully on use)."""
+        try:
+            return os.stat(self.cache.path(self.names[t])).st_size == self.table.sizes[t]
+        except FileNotFoundError:
+            return False
 
     def stop(self) -> None:
         self._stop = True
@@ -414,8 +478,13 @@ class RemoteShards:
             raise self.error
 
     # --- reading --------------------------------------------------------------------------------
-    def _cached_fd(self, t: int) -> int | None:
+    def _cached_fd(self, t: int, recheck: bool = True) -> int | None:
+        """An open descriptor of shard ``t``'s cached file; ``recheck``: drop it when the file was
+        evicted since (a batch's first look; its reads then trust it)."""
         fd = self._fds.pop(t, None)
+        if fd is not None and recheck and os.fstat(fd).st_nlink == 0:  # evicted: not cached any more
+            os.close(fd)
+            fd = None
         if fd is None:
             etag = self.table.etags[t] if self.table.etags else ""
             path = self.cache.cached(self.names[t], self.table.sizes[t], self.table.sha256[t], etag)
@@ -438,7 +507,7 @@ class RemoteShards:
             data = self._pending.pop((t, offset, size), None)
             if data is not None:
                 return data
-            fd = self._cached_fd(t)
+            fd = self._cached_fd(t, recheck=False)
             if fd is not None:
                 return os.pread(fd, size, offset)
         data = self.client.get_range(self.names[t], offset, size)
@@ -452,19 +521,23 @@ class RemoteShards:
         request per run of adjacent samples of a shard, the shards' requests at once. ``read`` then
         returns them without a request."""
         self.raise_if_failed()
-        by_tar: dict[int, list[tuple[int, int]]] = {}
-        waited: set[int] = set()
+        wanted: dict[int, list[tuple[int, int]]] = {}
         for t, off, size in spans:
+            wanted.setdefault(t, []).append((off, size))
+        by_tar: dict[int, list[tuple[int, int]]] = {}
+        for t, shard_spans in wanted.items():  # one look per shard
             with self._lock:
-                if (t, off, size) in self._pending or self._cached_fd(t) is not None:
+                if self._cached_fd(t) is not None:
                     continue
-            if t not in waited and self.cache.downloading(self.names[t]):
-                waited.add(t)  # the whole shard is on its way: wait for it, not a request per sample
-                self.cache.wait_for(self.names[t])
+            if self.cache.downloading(self.names[t]):
+                self.cache.wait_for(self.names[t])  # the whole shard is on its way: wait, not a request each
                 with self._lock:
                     if self._cached_fd(t) is not None:
                         continue
-            by_tar.setdefault(t, []).append((off, size))
+            with self._lock:
+                todo = [(off, size) for off, size in shard_spans if (t, off, size) not in self._pending]
+            if todo:
+                by_tar[t] = todo
         if not by_tar:
             return
         jobs = [

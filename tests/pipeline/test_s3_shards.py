@@ -5,6 +5,7 @@ the local copy, one download per shard per node, and a named outcome for each fa
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -16,6 +17,15 @@ from pipeline.shards.upload import upload_shards
 from tests.pipeline.shard_fixtures import write_coded_shards
 
 TRAIN, VAL, CLASSES = 53, 23, 23
+
+
+def _wait(predicate, what: str, timeout: float = 60.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting until {what}"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +95,14 @@ def test_each_shard_is_downloaded_once_per_node_and_reread_from_the_cache(s3_ser
     before = s3_server.gets("data", "coded/train-")
     loaders = [make_loader(_cfg(s3_shards, cache), "train", r, 2, "cpu") for r in range(2)]
     _run(loaders, 0)
+    tars = sorted(p.name for p in (s3_server.root / "data" / "coded").glob("train-*.tar"))
+    root = loaders[0].remote.cache.root
+    _wait(lambda: sorted(p.name for p in root.glob("*.tar")) == tars, "every shard is cached")
     for ld in loaders:  # the fetchers finish what they started
         ld.remote.stop()
     after = s3_server.gets("data", "coded/train-")
     whole = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.endswith(".tar")}
-    tars = sorted(p.name for p in (s3_server.root / "data" / "coded").glob("train-*.tar"))
-    cached = sorted(p.name for p in loaders[0].remote.cache.root.glob("*.tar"))
+    cached = sorted(p.name for p in root.glob("*.tar"))
     assert cached == tars  # every shard is in the node's cache, once
     fetched = sum(ld.remote.cache.fetches for ld in loaders)
     assert fetched == len(tars)  # one whole download per shard, by one of the two ranks
@@ -111,17 +123,19 @@ def test_a_truncated_cached_shard_is_fetched_again(s3_server, local_shards, s3_s
     ld = make_loader(_cfg(s3_shards, cache, cache_ahead_steps=1000), "val", 0, 1, "cpu")
     ld.set_epoch(0)
     first = [y.tolist() for _, y in ld]
-    ld.remote.stop()
     victim = ld.remote.cache.root / "val-000001.tar"
-    assert victim.exists()
+    _wait(victim.exists, "the fetcher caches the shard")
+    ld.remote.stop()
     with open(victim, "r+b") as fh:
         fh.truncate(victim.stat().st_size // 2)
     ld.close()
     ld = make_loader(_cfg(s3_shards, cache, cache_ahead_steps=1000), "val", 0, 1, "cpu")
     ld.set_epoch(0)
     assert [y.tolist() for _, y in ld] == first
+    whole = (local_shards / "val-000001.tar").stat().st_size
+    _wait(lambda: victim.exists() and victim.stat().st_size == whole, "the shard is fetched again")
     ld.remote.stop()
-    assert victim.stat().st_size == (local_shards / "val-000001.tar").stat().st_size
+    assert victim.read_bytes() == (local_shards / "val-000001.tar").read_bytes()
     ld.close()
 
 
@@ -159,12 +173,14 @@ def test_named_errors_bucket_manifest_credentials_replaced(s3_server, local_shar
     from pipeline.checksums import ShardChecksumError
 
     ld = make_loader(_cfg("s3://data/replaced", tmp_path / "c2", cache_ahead_steps=1000), "val", 0, 1, "cpu")
-    ld.set_epoch(0)
     with pytest.raises(
         ShardChecksumError, match="s3://data/replaced/val-000000.tar: .* the object was replaced"
     ):
-        for _ in ld:
-            pass
+        for _ in range(50):  # the pass, or the next one, fails once the shard's download is checked
+            ld.set_epoch(0)
+            for _ in ld:
+                pass
+            time.sleep(0.1)
     ld.close()
 
 
