@@ -85,14 +85,25 @@ def staging_folder(url: str, staging: str | None) -> Path:
     return folder
 
 
+def _abandon(uploader) -> None:
+    """Uploads not started yet are dropped (the rerun uploads them); those under way end."""
+    if uploader is not None:
+        uploader.pool.shutdown(wait=False, cancel_futures=True)
+
+
 def build_main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     from pipeline import storage
     from pipeline.schema import ShardFormatError
 
     remote = storage.is_remote(args.out)
+    uploader = None
     try:
         out = staging_folder(args.out, args.staging) if remote else args.out
+        if remote:
+            from pipeline.shards.upload import UploadAsWritten
+
+            uploader = UploadAsWritten(out, args.out)
         manifest = build_shards(
             args.source, out, args.split, format=args.format, classes=args.classes, words=args.words,
             labels=args.labels, subdir=args.subdir, shard_size=args.shard_size,
@@ -100,19 +111,23 @@ def build_main(argv: list[str] | None = None) -> int:
             seed=args.seed, workers=args.workers, max_side=args.max_side, shorter_side=args.shorter_side,
             quality=args.quality, allow_empty_classes=args.allow_empty_classes,
             labels_are=args.labels_are, allow_outside=args.allow_outside,
-            progress=not args.no_progress,
+            progress=not args.no_progress, on_shard_written=uploader,
         )
         if remote:
             from pipeline.shards.upload import upload_shards
 
+            uploader.finish()
             done = upload_shards(out, args.out, progress=not args.no_progress, splits=[args.split])
-            print(f"uploaded {done['uploaded']} files ({done['bytes'] / 1e6:.1f} MB), kept {done['kept']} "
+            n, size = uploader.uploaded + done["uploaded"], uploader.bytes + done["bytes"]
+            print(f"uploaded {n} files ({size / 1e6:.1f} MB), kept {done['kept'] - uploader.uploaded} "
                   f"already there -> {args.out}")
     except (SourceError, OSError, ShardFormatError, storage.ObjectStoreError) as exc:
         print(f"build-shards: error: {exc}", file=sys.stderr)
+        _abandon(uploader)
         return 1
     except KeyboardInterrupt:
         print("build-shards: interrupted; rerun the same command to resume", file=sys.stderr)
+        _abandon(uploader)
         return 130
     info = manifest.split(args.split)
     print(f"{args.split}: {info.num_samples} samples in {len(info.shards)} shards, "

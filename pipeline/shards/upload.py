@@ -1,10 +1,11 @@
-"""``upload_shards``: put a finished shard folder on object storage (``s3://bucket/prefix``).
+"""``upload_shards``: put a shard folder on object storage (``s3://bucket/prefix``).
 
-Used by ``build-shards SRC s3://…`` (which builds in a local staging folder, then uploads) and on its
-own (``build-shards --upload FOLDER s3://…``). Each tar and index goes up once (multipart above
-64 MB); an object already there with the same size and the ETag the file's bytes give is kept, so an
-interrupted upload resumes where it stopped. The manifest goes last: a reader that finds it finds
-every shard it lists.
+Used by ``build-shards SRC s3://…``, which builds in a local staging folder: each shard and its index
+go up as soon as they are written (:class:`UploadAsWritten`, in the background), and
+``upload_shards`` then sends what is left and the manifest last, so that a reader that finds the
+manifest finds every shard it lists. Each tar and index goes up once (multipart above 64 MB); an
+object already there with the same size and the ETag the file's bytes give is kept, so an
+interrupted build or upload resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -31,6 +32,41 @@ def file_etag(path: str | Path, part: int = PART_SIZE) -> str:
         return (digests[0] if digests else hashlib.md5(b"", usedforsecurity=False).digest()).hex()
     combined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
     return f"{combined}-{len(digests)}"
+
+
+class UploadAsWritten:
+    """``build_shards(on_shard_written=...)``: each finished shard and its index uploaded in the
+    background while the build goes on; ``finish()`` waits for them (raising the first failure)."""
+
+    def __init__(self, folder: str | Path, url: str, workers: int = 4) -> None:
+        self.folder, self.client = Path(folder), storage.client_for(url)
+        self.present = self.client.list()
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="shard-upload")
+        self.futures: list = []
+        self.uploaded = self.bytes = 0
+
+    def __call__(self, record) -> None:
+        for name in (record.tar, record.index):
+            self.futures.append(self.pool.submit(self._put, name))
+
+    def _put(self, name: str) -> int:
+        path = self.folder / name
+        size = path.stat().st_size
+        have = self.present.get(name)
+        if have and have[0] == size and have[1] == file_etag(path):
+            return -1
+        self.client.put_file(name, path)
+        return size
+
+    def finish(self) -> None:
+        try:
+            for fut in self.futures:
+                size = fut.result()
+                if size >= 0:
+                    self.uploaded += 1
+                    self.bytes += size
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def upload_shards(

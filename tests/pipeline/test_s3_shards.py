@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import DataConfig, make_loader, storage
-from pipeline.schema import ShardFormatError, forget_remote
+from pipeline.schema import ShardFormatError, forget_remote, load_manifest
 from pipeline.shards.upload import upload_shards
 from tests.pipeline.shard_fixtures import write_coded_shards
 
@@ -254,7 +254,6 @@ def test_a_server_outage_is_waited_out_or_named_and_a_resume_continues_exactly(
 def test_build_shards_uploads_to_s3_resumes_and_verify_shards_checks_it(s3_server, tmp_path, capsys):
     from PIL import Image
 
-    from pipeline.schema import load_manifest
     from pipeline.shards.cli import build_main, verify_main
 
     s3_server.make_bucket("built")
@@ -325,3 +324,26 @@ def test_furthest_next_use_evicts_the_shard_needed_last_and_refuses_one_needed_l
     # every cached file is the shard, byte for byte
     for name in cache.entries():
         assert (cache.root / name).read_bytes() == (local_shards / name).read_bytes()
+
+
+def test_shards_go_up_as_they_are_written_and_the_manifest_last(s3_server, tmp_path):
+    from PIL import Image
+
+    from pipeline.shards import build_shards
+    from pipeline.shards.upload import UploadAsWritten, upload_shards
+
+    s3_server.make_bucket("built")
+    for i in range(10):
+        folder = tmp_path / "src" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 24 + i), (20 * i, 90, 30)).save(folder / f"{i}.jpg", quality=90)
+    url, stage = "s3://built/as-written", tmp_path / "stage"
+    uploader = UploadAsWritten(stage, url)
+    build_shards(tmp_path / "src", stage, "train", shard_size=4, on_shard_written=uploader, progress=False)
+    uploader.finish()
+    assert (uploader.uploaded, uploader.bytes > 0) == (6, True)  # 3 shards and their indexes
+    forget_remote()
+    with pytest.raises(ShardFormatError, match="manifest.json: no such object"):
+        load_manifest(url)  # not before every shard is there
+    assert upload_shards(stage, url, progress=False) == {"uploaded": 0, "kept": 6, "bytes": 0}
+    assert load_manifest(url).split("train").num_samples == 10
