@@ -113,17 +113,19 @@ def write_metadata(path: Path, meta: dict[str, str]) -> None:
 
 
 def log_to_registry(model_uri: str, path: Path, tracking_uri: str) -> str:
-    """Add the file to the registered version's run (``onnx/<name>``); returns the artifact path."""
+    """Add the file to the version's registration run, beside the model (``onnx/<name>``); returns
+    the artifact path."""
     from mlflow import MlflowClient
 
     from ops.registry import resolve_version
 
     client = MlflowClient(tracking_uri=tracking_uri)
     mv = resolve_version(client, model_uri)
-    client.log_artifact(mv.run_id, str(path), "onnx")
+    run_id = mv.tags.get("registration_run") or mv.run_id
+    client.log_artifact(run_id, str(path), "onnx")
     artifact = f"onnx/{path.name}"
-    client.set_model_version_tag(mv.name, mv.version, "onnx.artifact", f"runs:/{mv.run_id}/{artifact}")
-    return f"runs:/{mv.run_id}/{artifact}"
+    client.set_model_version_tag(mv.name, mv.version, "onnx.artifact", f"runs:/{run_id}/{artifact}")
+    return f"runs:/{run_id}/{artifact}"
 
 
 def parser() -> argparse.ArgumentParser:

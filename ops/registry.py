@@ -28,6 +28,7 @@ import mlflow
 import pandas as pd
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
@@ -273,10 +274,19 @@ def register_ensemble(
                 pip_requirements=PIP_REQUIREMENTS,
                 signature=ensemble_signature(),
                 input_example=pd.DataFrame({IMAGE_COLUMN: [example_jpeg()]}),
-                registered_model_name=name,
             )
-        version = str(info.registered_model_version)
         client = MlflowClient()
+        # the version's run is the training run it came from (the ensemble's parent, or the single
+        # member's), so that run lists it under "Registered models"; the registration run, which holds
+        # the model and its evaluation, is in the tags and the description
+        source_run = training_run(version_tags, run_ids) or run.info.run_id
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        created = client.create_model_version(name, info.model_uri, run_id=source_run, model_id=info.model_id)
+        version = str(created.version)
         for key, value in version_tags.items():
             client.set_model_version_tag(name, version, key, value)
         client.set_model_version_tag(name, version, "registration_run", run.info.run_id)
@@ -285,6 +295,15 @@ def register_ensemble(
         )
         client.set_registered_model_alias(name, CANDIDATE, version)
         return client.get_model_version(name, version)
+
+
+def training_run(tags: dict, member_runs: list) -> str | None:
+    """The run a version was trained in: the ensemble's parent run, or its only member's run."""
+    parent = tags.get("training_parent_run")
+    if parent and parent != "-":
+        return parent
+    distinct = {r for r in member_runs if r}
+    return distinct.pop() if len(member_runs) == 1 and len(distinct) == 1 else None
 
 
 def version_description(client: MlflowClient, tags: dict, member_runs: list, registration_run: str) -> str:

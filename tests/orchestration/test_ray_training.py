@@ -207,6 +207,11 @@ def test_ensemble_members_children_and_registration(ray_2cpu, tiny_cifar_shards,
     assert description.startswith("Ensemble of 2 Inception member(s), averaged; 1 crop(s) per image.")
     assert f"{100 * float(tags['eval.top1_error']):.2f} %" in description
     assert all(f"`{m.run_id}`" in description for m in outcome.members)  # a sqlite store: ids, no URLs
+    # the training run lists the version under "Registered models" (the UI searches versions by
+    # run id; before: the registration run only)
+    found = client.search_model_versions(f"run_id='{outcome.parent_run_id}'")
+    assert [(v.name, v.version) for v in found] == [("tiny-ens", version.version)]
+    assert client.get_model_version("tiny-ens", version.version).run_id == outcome.parent_run_id
 
 
 def test_new_job_on_same_run_continues(ray_2cpu, tiny_cifar_shards, tmp_path):
