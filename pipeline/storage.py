@@ -339,74 +339,86 @@ def arrow_filesystem(url: str, options: StorageOptions | None = None):
         kwargs["force_virtual_addressing"] = True
     s3 = pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v})
     bucket, prefix = split_url(url)
-    return pafs.PyFileSystem(ImplicitDirectories(s3)), f"{bucket}/{prefix}".rstrip("/")
+    return pafs.PyFileSystem(_implicit_directories_class()(s3)), f"{bucket}/{prefix}".rstrip("/")
 
 
-try:  # pyarrow comes with Ray; the read side does not need it
-    import pyarrow.fs as _pafs
+def _implicit_directories_class():
+    """``ImplicitDirectories``, built on first use: pyarrow (Ray's) is imported only when Ray's storage
+    is on object storage, not by every process that reads a config."""
+    global ImplicitDirectories
+    if ImplicitDirectories is None:
+        import pyarrow.fs as _pafs
 
-    class ImplicitDirectories(_pafs.FileSystemHandler):
-        """A pyarrow file system that forwards everything but directory creation (see above)."""
+        class _ImplicitDirectories(_pafs.FileSystemHandler):
+            """A pyarrow file system that forwards everything but directory creation (see above)."""
 
-        def __init__(self, fs) -> None:
-            self.fs = fs
+            def __init__(self, fs) -> None:
+                self.fs = fs
 
-        def __eq__(self, other) -> bool:
-            return isinstance(other, ImplicitDirectories) and self.fs.equals(other.fs)
+            def __eq__(self, other) -> bool:
+                return isinstance(other, _ImplicitDirectories) and self.fs.equals(other.fs)
 
-        def __ne__(self, other) -> bool:
-            return not self == other
+            def __ne__(self, other) -> bool:
+                return not self == other
 
-        def __reduce__(self):
-            return ImplicitDirectories, (self.fs,)
+            def __reduce__(self):
+                return _implicit_directories, (self.fs,)
 
-        def get_type_name(self) -> str:
-            return "s3-implicit-dirs"
+            def get_type_name(self) -> str:
+                return "s3-implicit-dirs"
 
-        def normalize_path(self, path):
-            return self.fs.normalize_path(path)
+            def normalize_path(self, path):
+                return self.fs.normalize_path(path)
 
-        def get_file_info(self, paths):
-            return self.fs.get_file_info(paths)
+            def get_file_info(self, paths):
+                return self.fs.get_file_info(paths)
 
-        def get_file_info_selector(self, selector):
-            return self.fs.get_file_info(selector)
+            def get_file_info_selector(self, selector):
+                return self.fs.get_file_info(selector)
 
-        def create_dir(self, path, recursive):
-            return None
+            def create_dir(self, path, recursive):
+                return None
 
-        def delete_dir(self, path):
-            return self.fs.delete_dir(path)
+            def delete_dir(self, path):
+                return self.fs.delete_dir(path)
 
-        def delete_dir_contents(self, path, missing_dir_ok=False):
-            return self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+            def delete_dir_contents(self, path, missing_dir_ok=False):
+                return self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
 
-        def delete_root_dir_contents(self):
-            return self.fs.delete_dir_contents("/", accept_root_dir=True)
+            def delete_root_dir_contents(self):
+                return self.fs.delete_dir_contents("/", accept_root_dir=True)
 
-        def delete_file(self, path):
-            return self.fs.delete_file(path)
+            def delete_file(self, path):
+                return self.fs.delete_file(path)
 
-        def move(self, src, dest):
-            return self.fs.move(src, dest)
+            def move(self, src, dest):
+                return self.fs.move(src, dest)
 
-        def copy_file(self, src, dest):
-            return self.fs.copy_file(src, dest)
+            def copy_file(self, src, dest):
+                return self.fs.copy_file(src, dest)
 
-        def open_input_stream(self, path):
-            return self.fs.open_input_stream(path)
+            def open_input_stream(self, path):
+                return self.fs.open_input_stream(path)
 
-        def open_input_file(self, path):
-            return self.fs.open_input_file(path)
+            def open_input_file(self, path):
+                return self.fs.open_input_file(path)
 
-        def open_output_stream(self, path, metadata):
-            return self.fs.open_output_stream(path, metadata=metadata)
+            def open_output_stream(self, path, metadata):
+                return self.fs.open_output_stream(path, metadata=metadata)
 
-        def open_append_stream(self, path, metadata):
-            return self.fs.open_append_stream(path, metadata=metadata)
+            def open_append_stream(self, path, metadata):
+                return self.fs.open_append_stream(path, metadata=metadata)
 
-except ImportError:  # pragma: no cover
-    ImplicitDirectories = None  # type: ignore[assignment,misc]
+        ImplicitDirectories = _ImplicitDirectories
+    return ImplicitDirectories
+
+
+ImplicitDirectories = None
+
+
+def _implicit_directories(fs):
+    """Unpickling: the class is made on first use."""
+    return _implicit_directories_class()(fs)
 
 
 def read_text(location: str | os.PathLike) -> str | None:
