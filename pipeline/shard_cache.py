@@ -357,6 +357,18 @@ class RemoteShards:
         self._idle = False  # the fetcher found nothing to fetch and nothing refused
         self._stop = False
         self._pool: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
+
+    def _forked(self) -> None:
+        """In a forked DataLoader worker: fresh locks and thread pool (the parent's threads do not
+        exist here, and a lock held by one of them at the fork would never be released); no
+        fetcher (the parent process fetches ahead)."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._pool, self._thread, self.prefetch_enabled = None, None, False
 
     def __getstate__(self):  # a DataLoader worker reads (cache, ranges) but fetches nothing ahead
         return {
@@ -502,6 +514,7 @@ class RemoteShards:
     def read(self, t: int, offset: int, size: int) -> bytes:
         """Bytes of shard ``t``: from the node's cached copy, a batch's prefetched ranges, or a range
         request."""
+        self._forked()
         self.raise_if_failed()
         with self._lock:
             data = self._pending.pop((t, offset, size), None)
@@ -520,6 +533,7 @@ class RemoteShards:
         """Fetch the spans ``(tar, offset, size)`` of a batch that no cached shard holds: one range
         request per run of adjacent samples of a shard, the shards' requests at once. ``read`` then
         returns them without a request."""
+        self._forked()
         self.raise_if_failed()
         wanted: dict[int, list[tuple[int, int]]] = {}
         for t, off, size in spans:

@@ -64,6 +64,7 @@ class OrderedDataset(Dataset):
 
     def __getitem__(self, k: int):
         ld, batch = self.loader, self.batches[k]
+        ld.reader.prefetch(batch.ids)  # object storage: the batch's uncached samples, coalesced
         images, labels, ids, bad = [], [], [], []
         for i, pos in zip(batch.ids, batch.positions, strict=True):
             j = ld.resolve(i, int(pos))

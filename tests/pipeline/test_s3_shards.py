@@ -347,3 +347,17 @@ def test_shards_go_up_as_they_are_written_and_the_manifest_last(s3_server, tmp_p
         load_manifest(url)  # not before every shard is there
     assert upload_shards(stage, url, progress=False) == {"uploaded": 0, "kept": 6, "bytes": 0}
     assert load_manifest(url).split("train").num_samples == 10
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_uncached_batches_take_one_range_request_per_shard(s3_server, s3_shards, tmp_path, backend):
+    """Nothing fetched ahead: a batch's samples of one shard come in one coalesced request (the torch
+    backend's DataLoader workers as well), not one request per sample."""
+    ld = make_loader(_cfg(s3_shards, tmp_path, backend, cache_ahead_steps=0), "val", 0, 1, "cpu")
+    pairs = sum(len(set(ld.table.tar_of[b.ids].tolist())) for b in ld.order.batches(0))
+    before = sum(s3_server.gets("data", "coded/val-").values())
+    ld.set_epoch(0)
+    assert sum(len(y) for _, y in ld) == VAL
+    requests = sum(s3_server.gets("data", "coded/val-").values()) - before
+    assert requests == pairs < VAL
+    ld.close()
