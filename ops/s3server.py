@@ -15,6 +15,7 @@ given; range GETs, PUT (multipart too) and ETags work as on S3. The ``rclone`` b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import secrets
@@ -119,7 +120,7 @@ class LocalS3:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            with _suppress():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
         self.proc = None
@@ -161,14 +162,6 @@ class LocalS3:
                 key = f"{m.group(1)}/{m.group(2)}"
                 counts[key] = counts.get(key, 0) + 1
         return counts
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError))
 
 
 def main(argv: list[str] | None = None) -> int:

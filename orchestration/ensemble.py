@@ -24,7 +24,6 @@ from typing import Any
 from orchestration.config import TrainConfig, flatten
 from orchestration.trainer import MemberResult, fit_member
 from pipeline import storage
-from pipeline.storage import join as storage_join
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class TrainingOutcome:
 
 
 def _run_ids_file(cfg: TrainConfig) -> str:
-    return storage_join(cfg.checkpoint.storage_path, f"{cfg.checkpoint.name}.mlflow.json")
+    return storage.join(cfg.checkpoint.storage_path, f"{cfg.checkpoint.name}.mlflow.json")
 
 
 def common_tags(cfg: TrainConfig, repo_root: str | Path) -> dict[str, str | None]:
@@ -208,7 +207,7 @@ def quiet_single_node() -> None:
 
 
 def timings_file(cfg: TrainConfig) -> str:
-    return storage_join(cfg.checkpoint.storage_path, f"{cfg.checkpoint.name}.timings.json")
+    return storage.join(cfg.checkpoint.storage_path, f"{cfg.checkpoint.name}.timings.json")
 
 
 def write_timings(cfg: TrainConfig, timings: dict[str, float]) -> None:

@@ -52,9 +52,9 @@ def build_trainer(
         resources["GPU"] = cfg.scaling.gpus_per_worker
     storage_path, storage_fs = cfg.checkpoint.storage_path, None
     if storage_path.startswith("s3://"):  # the same endpoint as the shards', no directory markers
-        from pipeline import storage
+        from orchestration.remote_storage import arrow_filesystem
 
-        storage_fs, storage_path = storage.arrow_filesystem(storage_path, cfg.data.storage_options)
+        storage_fs, storage_path = arrow_filesystem(storage_path, cfg.data.storage_options)
     return TorchTrainer(
         train_worker,
         train_loop_config={

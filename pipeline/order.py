@@ -178,9 +178,10 @@ def check_split_size(order: SampleOrder, split: str, shards: str) -> None:
         )
 
 
-def open_remote(table: SampleTable, cfg):
-    """The reads of a table on object storage through the node's shard cache (``data.cache_*``);
-    a budget that cannot hold the largest shard is one line, before any read."""
+def open_remote(table: SampleTable, cfg, step_positions: int):
+    """The reads of a table on object storage through the node's shard cache (``data.cache_*``),
+    fetching ahead ``data.cache_ahead_steps`` steps of ``step_positions`` samples; a budget that
+    cannot hold the largest shard is one line, before any read."""
     from pipeline.shard_cache import RemoteShards, default_budget, default_cache_dir
 
     cache_dir = cfg.cache_dir or default_cache_dir()
@@ -191,7 +192,7 @@ def open_remote(table: SampleTable, cfg):
             f"data.cache_bytes={budget} cannot hold the largest shard of {table.location} ({largest} bytes); "
             "raise it (several shards' worth, ideally the whole split)"
         )
-    ahead = cfg.cache_ahead_steps * cfg.batch_size * 1  # positions; scaled by the world size below
+    ahead = cfg.cache_ahead_steps * step_positions
     return RemoteShards(
         table, cache_dir, budget, ahead, cfg.cache_policy, max_open=cfg.open_shards, prefetch=ahead > 0
     )
@@ -217,9 +218,9 @@ class OrderedLoader:
             self.table, self.quarantine, cfg.seed, cfg.batch_size, rank, world_size, train=mode == "train"
         )
         check_split_size(self.order, split, cfg.shards)
-        self.remote = open_remote(self.table, cfg) if self.table.remote else None
-        if self.remote is not None and mode == "train":
-            self.remote.ahead *= world_size  # steps of the whole job
+        # training positions are the whole job's (the node's ranks share one cache); evaluation's, this rank's
+        step = self.order.global_batch if mode == "train" else cfg.batch_size
+        self.remote = open_remote(self.table, cfg, step) if self.table.remote else None
         self.reader = SampleReader(self.table, cfg.open_shards, self.remote)
         self.hash_check = (  # a cached shard's sha256 is checked as it is downloaded
             ShardHashCheck(self.table.tars, self.table.sha256, default_marker_dir(), self.table.sizes)
@@ -279,8 +280,8 @@ class OrderedLoader:
         if self.mode == "train":
             self.position = self.start + (batch.step + 1) * self.order.global_batch
         if self.remote is not None:
-            g = self.order.global_batch if self.mode == "train" else self.batch_size
-            self.remote.advance((batch.step + 1) * g)
+            step = self.order.global_batch if self.mode == "train" else self.batch_size
+            self.remote.advance((batch.step + 1) * step)
         if self.hash_check is not None:
             if batch.step == self._last_step:  # a pass does not end before its tars are checked
                 self.hash_check.wait()

@@ -235,31 +235,29 @@ class SampleReader:
             )
         return data
 
-    def span(self, i: int) -> tuple[int, int, int] | None:
-        """``(tar, offset, size)`` of the one read that gives sample ``i``; None when it takes two."""
+    def _span(self, i: int) -> tuple[int, int, int, int, int, int] | None:
+        """``(start, end, jpeg offset, jpeg size, label offset, label size)`` of the one read that gives
+        sample ``i``; None when its JPEG and label lie far apart (another writer's layout: two reads)."""
         jo, js = (int(v) for v in self.table.jpg[i])
         lo, ls = (int(v) for v in self.table.lbl[i])
         start, end = min(jo, lo), max(jo + js, lo + ls)
-        if end - start > js + SPAN_SLACK:
-            return None
-        return int(self.table.tar_of[i]), start, end - start
+        return None if end - start > js + SPAN_SLACK else (start, end, jo, js, lo, ls)
 
     def prefetch(self, ids) -> None:
         """Samples about to be read (a batch): on object storage, those no cached shard holds are
         fetched now, by coalesced range requests. Nothing to do for a folder."""
         if self.remote is not None:
-            spans = [s for s in (self.span(int(i)) for i in ids) if s is not None]
+            spans = [(int(self.table.tar_of[i]), s[0], s[1] - s[0]) for i in ids if (s := self._span(int(i)))]
             self.remote.fetch_batch(spans)
 
     def sample(self, i: int) -> tuple[memoryview, int]:
         """``(JPEG bytes, label)`` of sample ``i``: the JPEG a view of the bytes read (no second copy)."""
-        jo, js = (int(v) for v in self.table.jpg[i])
-        lo, ls = (int(v) for v in self.table.lbl[i])
+        span = self._span(i)
+        if span is None:
+            return memoryview(self.jpeg(i)), self.label(i)
+        start, end, jo, js, lo, ls = span
         if ls != 4:
             raise ValueError(f"label of {ls} bytes, expected 4")
-        start, end = min(jo, lo), max(jo + js, lo + ls)
-        if end - start > js + SPAN_SLACK:  # far apart (another writer's layout): two reads
-            return memoryview(self.jpeg(i)), self.label(i)
         data = self._read(int(self.table.tar_of[i]), start, end - start)
         return memoryview(data)[jo - start : jo - start + js], struct.unpack_from("<i", data, lo - start)[0]
 

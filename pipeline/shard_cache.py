@@ -344,6 +344,8 @@ class RemoteShards:
         self.max_open, self.prefetch_enabled = max_open, prefetch
         self.cache = NodeCache(cache_dir, table.location, budget, policy)
         self.names = [Path(t).name for t in table.tars]
+        self._index = {n: t for t, n in enumerate(self.names)}
+        self._counts = np.bincount(table.tar_of, minlength=len(self.names))  # samples per shard
         self.schedule = Schedule(len(self.names))
         self.error: BaseException | None = None
         self.range_bytes = 0  # bytes this process fetched by range requests
@@ -407,9 +409,6 @@ class RemoteShards:
                     self._refused.clear()
                     self._wake.notify_all()
 
-    def next_use(self, name: str) -> int:
-        return self.schedule.next_use(self.names.index(name)) if name in self.names else NEVER
-
     def _fill(self, t: int) -> str | None:
         index, counts = self._index, self._counts
 
@@ -428,8 +427,6 @@ class RemoteShards:
 
     def _fetch_ahead(self) -> None:
         """Download the upcoming shards, ``FETCHERS`` at a time, in the order they are needed."""
-        self._index = {n: t for t, n in enumerate(self.names)}
-        self._counts = np.bincount(self.table.tar_of, minlength=len(self.names))
         inflight: dict[int, object] = {}
         with ThreadPoolExecutor(FETCHERS, thread_name_prefix="shard-fill") as pool:
             while not self._stop:
@@ -438,13 +435,9 @@ class RemoteShards:
                         continue
                     del inflight[t]
                     exc = fut.exception()
-                    if isinstance(exc, (ObjectStoreError, ShardChecksumError)):
-                        self.error = exc
-                        return
                     if isinstance(exc, OSError):  # a full or unwritable cache folder
-                        self.error = ObjectStoreError(f"cache folder {self.cache.root}: {exc}")
-                        return
-                    if exc is not None:
+                        exc = ObjectStoreError(f"cache folder {self.cache.root}: {exc}")
+                    if exc is not None:  # raised by the next read
                         self.error = exc
                         return
                     if fut.result() is None:  # not admitted at this cursor

@@ -11,7 +11,6 @@ and ``build-shards`` / ``verify-shards`` write and check through it.
 - Every request is retried with exponential backoff on connection failures, timeouts, 5xx and
   throttling, for up to ``retry_s`` seconds in all; then :class:`ObjectStoreError` names the object
   and why. Refusals that a retry cannot fix (no such bucket or key, credentials refused) fail at once.
-- ``REQUESTS`` counts this process's requests by kind (benchmarks and tests read it).
 """
 
 from __future__ import annotations
@@ -21,14 +20,11 @@ import os
 import random
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 REMOTE_SCHEMES = ("s3://",)
 DEFAULT_RETRY_S = 120.0
-REQUESTS: Counter = Counter()  # this process's requests: "get", "range", "head", "list", "put"
-_REQ_LOCK = threading.Lock()
 
 
 class ObjectStoreError(Exception):
@@ -87,11 +83,6 @@ def join(location: str, name: str) -> str:
     if is_remote(location):
         return f"{str(location).rstrip('/')}/{name}"
     return str(Path(location) / name)
-
-
-def _count(kind: str, n: int = 1) -> None:
-    with _REQ_LOCK:
-        REQUESTS[kind] += n
 
 
 # botocore error codes that a retry cannot fix, with what to tell the user
@@ -163,7 +154,7 @@ class S3Client:
         return f"s3://{self.bucket}/{self.key(name)}" if name else self.url
 
     # --- requests, each retried for retry_s -------------------------------------------------------
-    def _call(self, name: str, kind: str, fn):
+    def _call(self, name: str, fn):
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
@@ -174,7 +165,6 @@ class S3Client:
         deadline = time.monotonic() + self.options.retry_s
         attempt = 0
         while True:
-            _count(kind)
             try:
                 return fn()
             except (NoCredentialsError, PartialCredentialsError):
@@ -214,7 +204,7 @@ class S3Client:
         def fn():
             return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
 
-        return self._call(name, "get", fn)
+        return self._call(name, fn)
 
     def get_range(self, name: str, start: int, length: int) -> bytes:
         """``length`` bytes from ``start``; a short answer (the object is shorter) is returned short."""
@@ -223,16 +213,7 @@ class S3Client:
             rng = f"bytes={start}-{start + length - 1}"
             return self.client.get_object(Bucket=self.bucket, Key=self.key(name), Range=rng)["Body"].read()
 
-        return self._call(name, "range", fn)
-
-    def head(self, name: str) -> tuple[int, str]:
-        """``(size, ETag)`` of an object."""
-
-        def fn():
-            r = self.client.head_object(Bucket=self.bucket, Key=self.key(name))
-            return int(r["ContentLength"]), r.get("ETag", "").strip('"')
-
-        return self._call(name, "head", fn)
+        return self._call(name, fn)
 
     def list(self) -> dict[str, tuple[int, str]]:
         """Every object under the prefix: name (relative) -> ``(size, ETag)``."""
@@ -251,7 +232,7 @@ class S3Client:
                     return out
                 token = r["NextContinuationToken"]
 
-        return self._call("", "list", fn)
+        return self._call("", fn)
 
     def download(self, name: str, dest: str | Path, chunk: int = 8 << 20) -> tuple[int, str, str]:
         """Stream an object into ``dest``: ``(bytes, sha256, ETag)``; retried whole on failure."""
@@ -266,40 +247,30 @@ class S3Client:
                     n += len(block)
             return n, digest.hexdigest(), r.get("ETag", "").strip('"')
 
-        return self._call(name, "get", fn)
+        return self._call(name, fn)
 
-    def put_file(self, name: str, path: str | Path) -> str:
-        """Upload a file (multipart above 64 MB); its ETag."""
+    def put_file(self, name: str, path: str | Path) -> None:
+        """Upload a file (multipart above 64 MB, parts of 64 MB: ``upload.file_etag`` computes the
+        ETag the store gives it)."""
         from boto3.s3.transfer import TransferConfig
 
         config = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, use_threads=True)
+        key = self.key(name)
+        self._call(name, lambda: self.client.upload_file(str(path), self.bucket, key, Config=config))
 
-        def fn():
-            self.client.upload_file(str(path), self.bucket, self.key(name), Config=config)
-            return self.client.head_object(Bucket=self.bucket, Key=self.key(name)).get("ETag", "").strip('"')
-
-        return self._call(name, "put", fn)
-
-    def put_bytes(self, name: str, data: bytes) -> str:
-        def fn():
-            r = self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data)
-            return r.get("ETag", "").strip('"')
-
-        return self._call(name, "put", fn)
-
-    def delete(self, name: str) -> None:
-        self._call(name, "delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key(name)))
+    def put_bytes(self, name: str, data: bytes) -> None:
+        self._call(name, lambda: self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data))
 
 
-_CLIENTS: dict[tuple[str, StorageOptions, int], S3Client] = {}
+_CLIENTS: dict[tuple[str, StorageOptions], S3Client] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
 def client_for(url: str, options: StorageOptions | None = None) -> S3Client:
-    """This process's client for a bucket/prefix (one per location and options). Keyed by the process
-    too: a forked DataLoader worker must not share its parent's open connections."""
+    """This process's client for a bucket/prefix (one per location and options; a forked child makes
+    its own connections, see ``S3Client.client``)."""
     options = options or _DEFAULT_OPTIONS
-    key = (str(url).rstrip("/"), options, os.getpid())
+    key = (str(url).rstrip("/"), options)
     with _CLIENTS_LOCK:
         if key not in _CLIENTS:
             _CLIENTS[key] = S3Client(key[0], options)
@@ -310,115 +281,6 @@ def forget_clients() -> None:
     """Make clients afresh (after the credentials or the endpoint in the environment changed)."""
     with _CLIENTS_LOCK:
         _CLIENTS.clear()
-
-
-def read_bytes(location: str | os.PathLike, name: str) -> bytes:
-    """A small file of a shard location (the manifest, an index), local or remote."""
-    if is_remote(location):
-        return client_for(str(location)).get(name)
-    return (Path(location) / name).read_bytes()
-
-
-def arrow_filesystem(url: str, options: StorageOptions | None = None):
-    """``(pyarrow file system, path)`` for an ``s3://`` URL, with the same endpoint and region as our
-    client: what Ray Train writes checkpoints through (``RunConfig(storage_filesystem=...)``).
-
-    S3 has no directories, but pyarrow's ``create_dir`` writes an empty ``key/`` object as a marker,
-    which several S3-compatible servers (rclone's among them) store as a file that then blocks every
-    key below it. This file system leaves directories implicit, as S3 does."""
-    import pyarrow.fs as pafs
-
-    o = options or _DEFAULT_OPTIONS
-    endpoint = o.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = o.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    kwargs: dict = {"region": region}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-    if o.addressing_style == "virtual":
-        kwargs["force_virtual_addressing"] = True
-    s3 = pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v})
-    bucket, prefix = split_url(url)
-    return pafs.PyFileSystem(_implicit_directories_class()(s3)), f"{bucket}/{prefix}".rstrip("/")
-
-
-def _implicit_directories_class():
-    """``ImplicitDirectories``, built on first use: pyarrow (Ray's) is imported only when Ray's storage
-    is on object storage, not by every process that reads a config."""
-    global ImplicitDirectories
-    if ImplicitDirectories is None:
-        import pyarrow.fs as _pafs
-
-        class _ImplicitDirectories(_pafs.FileSystemHandler):
-            """A pyarrow file system that forwards everything but directory creation (see above)."""
-
-            def __init__(self, fs) -> None:
-                self.fs = fs
-
-            def __eq__(self, other) -> bool:
-                return isinstance(other, _ImplicitDirectories) and self.fs.equals(other.fs)
-
-            def __ne__(self, other) -> bool:
-                return not self == other
-
-            def __reduce__(self):
-                return _implicit_directories, (self.fs,)
-
-            def get_type_name(self) -> str:
-                return "s3-implicit-dirs"
-
-            def normalize_path(self, path):
-                return self.fs.normalize_path(path)
-
-            def get_file_info(self, paths):
-                return self.fs.get_file_info(paths)
-
-            def get_file_info_selector(self, selector):
-                return self.fs.get_file_info(selector)
-
-            def create_dir(self, path, recursive):
-                return None
-
-            def delete_dir(self, path):
-                return self.fs.delete_dir(path)
-
-            def delete_dir_contents(self, path, missing_dir_ok=False):
-                return self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-            def delete_root_dir_contents(self):
-                return self.fs.delete_dir_contents("/", accept_root_dir=True)
-
-            def delete_file(self, path):
-                return self.fs.delete_file(path)
-
-            def move(self, src, dest):
-                return self.fs.move(src, dest)
-
-            def copy_file(self, src, dest):
-                return self.fs.copy_file(src, dest)
-
-            def open_input_stream(self, path):
-                return self.fs.open_input_stream(path)
-
-            def open_input_file(self, path):
-                return self.fs.open_input_file(path)
-
-            def open_output_stream(self, path, metadata):
-                return self.fs.open_output_stream(path, metadata=metadata)
-
-            def open_append_stream(self, path, metadata):
-                return self.fs.open_append_stream(path, metadata=metadata)
-
-        ImplicitDirectories = _ImplicitDirectories
-    return ImplicitDirectories
-
-
-ImplicitDirectories = None
-
-
-def _implicit_directories(fs):
-    """Unpickling: the class is made on first use."""
-    return _implicit_directories_class()(fs)
 
 
 def read_text(location: str | os.PathLike) -> str | None:

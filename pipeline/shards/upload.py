@@ -34,6 +34,12 @@ def file_etag(path: str | Path, part: int = PART_SIZE) -> str:
     return f"{combined}-{len(digests)}"
 
 
+def already_there(path: Path, present: dict[str, tuple[int, str]]) -> bool:
+    """The store holds this file already: an object of its name, size and ETag (a listing's)."""
+    have = present.get(path.name)
+    return bool(have) and have[0] == path.stat().st_size and have[1] == file_etag(path)
+
+
 class UploadAsWritten:
     """``build_shards(on_shard_written=...)``: each finished shard and its index uploaded in the
     background while the build goes on; ``finish()`` waits for them (raising the first failure)."""
@@ -51,12 +57,10 @@ class UploadAsWritten:
 
     def _put(self, name: str) -> int:
         path = self.folder / name
-        size = path.stat().st_size
-        have = self.present.get(name)
-        if have and have[0] == size and have[1] == file_etag(path):
+        if already_there(path, self.present):
             return -1
         self.client.put_file(name, path)
-        return size
+        return path.stat().st_size
 
     def finish(self) -> None:
         try:
@@ -87,12 +91,10 @@ def upload_shards(
     todo, kept = [], 0
     for name in names:
         path = folder / name
-        size = path.stat().st_size
-        have = present.get(name)
-        if have and have[0] == size and have[1] == file_etag(path):
+        if already_there(path, present):
             kept += 1
         else:
-            todo.append((name, path, size))
+            todo.append((name, path, path.stat().st_size))
     total = sum(size for _, _, size in todo)
     with progress_bar(total=total, unit="B", unit_scale=True, desc="upload", disable=not progress) as bar:
 

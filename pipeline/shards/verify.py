@@ -242,7 +242,7 @@ def _verify_remote(url: str, deep: bool, split: str | None, progress: bool) -> V
             report.warnings.append(f"{name} is not listed in the manifest")
     client = storage.client_for(url)
 
-    def check(sh: ShardInfo, rep: SplitReport) -> tuple[list[str], dict]:
+    def check(sh: ShardInfo) -> tuple[list[str], dict]:
         for name in (sh.tar, sh.index):
             if name not in listing:
                 return [f"{name}: missing (listed in the manifest)"], {}
@@ -263,7 +263,7 @@ def _verify_remote(url: str, deep: bool, split: str | None, progress: bool) -> V
         for name, info in infos.items():
             rep = report.splits[name] = SplitReport(shards=len(info.shards), skipped=len(info.skipped))
             with ThreadPoolExecutor(4) as pool:
-                results = pool.map(lambda sh, rep=rep: check(sh, rep), info.shards)
+                results = pool.map(check, info.shards)
                 for sh, (errs, counts) in zip(info.shards, results, strict=True):
                     report.errors += errs
                     for lbl, n in counts.items():

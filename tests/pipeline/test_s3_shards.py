@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import DataConfig, make_loader, storage
+from pipeline import make_loader, storage
 from pipeline.schema import ShardFormatError, forget_remote, load_manifest
 from pipeline.shards.upload import upload_shards
 from tests.pipeline.shard_fixtures import write_coded_shards
+from tests.pipeline.test_order import _cfg as order_cfg
 
 TRAIN, VAL, CLASSES = 53, 23, 23
 
@@ -44,18 +45,8 @@ def s3_shards(s3_server, local_shards):
 
 
 def _cfg(shards, cache_dir, backend="dali", **kw):
-    return DataConfig(
-        **{
-            "shards": str(shards),
-            "backend": backend,
-            "batch_size": 4,
-            "image_size": 80,
-            "val_resize": 90,
-            "cache_dir": str(cache_dir),
-            "num_threads": 1,
-            **kw,
-        }
-    )
+    """The order tests' settings, with a node cache of its own."""
+    return order_cfg(shards, backend, cache_dir=str(cache_dir), num_threads=1, **kw)
 
 
 def _run(loaders, epoch, start=0):
